@@ -1,0 +1,269 @@
+"""Run configuration: one pydantic model per stage and one for the whole run.
+
+Defaults are the reference values of the method (``docs/method.md``): a config that sets
+nothing reproduces the paper's recipe. The bundled ``coreg/configs/digits.yaml`` shrinks
+the budget so the demo finishes in minutes on a laptop CPU.
+
+Every model forbids unknown keys, so a typo in a YAML file is an error that names the key
+rather than a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from coreg.atomic import write_text
+from coreg.errors import CoregError
+
+PositiveInt = Annotated[int, Field(gt=0)]
+Fraction = Annotated[float, Field(gt=0.0, lt=1.0)]
+Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    """Where the images come from and how they are split."""
+
+    source: Literal["digits", "animal_mnist", "folder", "manifest"] = Field(
+        "digits",
+        description="digits: scikit-learn's 8x8 digits; animal_mnist: the animal-mnist package's 10,000 "
+        "28x28 silhouettes; folder: a directory of images; manifest: a CSV or Parquet file.",
+    )
+    path: str | None = Field(
+        None, description="Image folder (source=folder) or manifest file (source=manifest)."
+    )
+    class_names: list[str] | None = Field(
+        None,
+        description="Class names in label order. Required for a flat folder and for a manifest without "
+        "a label column; otherwise taken from the sub-folder names or the built-in data set.",
+    )
+    path_column: str = Field("path", description="Manifest column with the image path or URI.")
+    id_column: str | None = Field(
+        None, description="Manifest column with a stable sample id; default: the path itself."
+    )
+    label_column: str | None = Field(
+        None,
+        description="Optional manifest column with ground-truth class names, used only for evaluation.",
+    )
+    image_size: PositiveInt = Field(32, description="Side length, in pixels, images are resized to.")
+    channels: Literal[1, 3] | None = Field(
+        None, description="1 (grey) or 3 (RGB); default: 1 for digits/animal_mnist, 3 otherwise."
+    )
+    test_fraction: Fraction = Field(0.2, description="Share of samples held out as the test split.")
+    split_seed: int = Field(0, description="Seed of the stratified-by-nothing train/test split.")
+    limit: PositiveInt | None = Field(
+        None, description="Keep only the first N samples (by sample id order) for a quick run."
+    )
+
+    @model_validator(mode="after")
+    def _path_needed(self) -> DataConfig:
+        if self.source in ("folder", "manifest") and not self.path:
+            raise ValueError(f"data.path is required when data.source is {self.source!r}")
+        return self
+
+    def resolved_channels(self) -> int:
+        if self.channels is not None:
+            return self.channels
+        return 1 if self.source in ("digits", "animal_mnist") else 3
+
+
+class AnnotateConfig(_Section):
+    """How the noisy annotators label the images."""
+
+    method: Literal["simulate_vlm", "synthetic"] = Field(
+        "simulate_vlm",
+        description="simulate_vlm: a weak teacher plus M biased 'prompt' annotators (instance-dependent "
+        "noise, like the templates of one VLM); synthetic: the NPLL protocol with rates q and eta.",
+    )
+    num_annotators: PositiveInt = Field(
+        27, description="Number of simulated prompt annotators (the reference uses 27 templates)."
+    )
+    teacher_samples_per_class: PositiveInt = Field(
+        5,
+        description="Labelled samples per class the weak teacher is fitted on; fewer means a weaker, "
+        "noisier teacher. They are drawn from the train split only.",
+    )
+    teacher_blur: Annotated[float, Field(ge=0.0)] = Field(
+        1.0, description="Gaussian blur sigma (pixels) of the degraded view the teacher sees."
+    )
+    bias_scale: Annotated[float, Field(ge=0.0)] = Field(
+        0.8, description="Std of each annotator's per-class logit bias (its own confusions)."
+    )
+    temperature_range: tuple[float, float] = Field(
+        (0.5, 2.0), description="Each annotator's softmax temperature is drawn log-uniformly from this range."
+    )
+    logit_noise: Annotated[float, Field(ge=0.0)] = Field(
+        0.5, description="Std of per-sample, per-annotator logit noise."
+    )
+    q: Probability = Field(0.3, description="Synthetic protocol: each wrong label enters the set with prob q.")
+    eta: Probability = Field(
+        0.2, description="Synthetic protocol: prob of swapping the true label for a non-candidate one."
+    )
+    seed: int = Field(0, description="Seed of the annotator simulation.")
+
+    @model_validator(mode="after")
+    def _temperature_order(self) -> AnnotateConfig:
+        lo, hi = self.temperature_range
+        if not 0 < lo <= hi:
+            raise ValueError("annotate.temperature_range must be (low, high) with 0 < low <= high")
+        return self
+
+
+class AggregateConfig(_Section):
+    """How per-annotator answers become one candidate label set per image."""
+
+    rule: Literal["union", "topk", "ratio", "min_votes"] = Field(
+        "union",
+        description="union: every annotator's top-1 (reference default); topk: the k best classes of the "
+        "mean probabilities; ratio: top-k classes whose mean probability is >= ratio x the max; "
+        "min_votes: classes named by at least min_votes annotators.",
+    )
+    k: PositiveInt = Field(5, description="k of the topk and ratio rules.")
+    ratio: Fraction = Field(0.5, description="Threshold of the ratio rule, relative to the max probability.")
+    min_votes: PositiveInt = Field(2, description="Threshold of the min_votes rule.")
+
+
+class TrainConfig(_Section):
+    """Co-Reg training. Defaults are the reference recipe (method.md)."""
+
+    method: Literal["coreg"] = Field("coreg", description="Training method.")
+    backbone: Literal["preact_resnet18", "small_cnn"] = Field(
+        "preact_resnet18",
+        description="preact_resnet18: the paper's backbone (stride adapts to 32 or 64 px); small_cnn: a "
+        "fast network for CPU runs.",
+    )
+    epochs: PositiveInt = Field(800, description="Total epochs, warm-up included; the cosine spans them all.")
+    warmup_epochs: Annotated[int, Field(ge=0)] = Field(50, description="Warm-up epochs (each net alone).")
+    batch_size: PositiveInt = Field(256, description="Labelled (and unlabelled) rows per Co-Reg step.")
+    warmup_batch_size: PositiveInt = Field(512, description="Batch size during warm-up.")
+    eval_batch_size: PositiveInt = Field(1024, description="Batch size of prediction passes.")
+    lr: Annotated[float, Field(gt=0)] = Field(0.01, description="SGD learning rate.")
+    momentum: Annotated[float, Field(ge=0, lt=1)] = Field(0.9, description="SGD momentum.")
+    weight_decay: Annotated[float, Field(ge=0)] = Field(5e-4, description="SGD weight decay.")
+    lr_min_factor: Probability = Field(1e-3, description="Cosine schedule ends at lr x this factor.")
+    confidence_penalty: Annotated[float, Field(ge=0)] = Field(
+        1.0, description="Weight of the negative-entropy penalty in warm-up."
+    )
+    loss_history: PositiveInt = Field(5, description="Epochs the max-candidate loss is averaged over.")
+    clean_threshold: Fraction = Field(0.5, description="GMM posterior above which a sample is clean.")
+    sharpen_temperature: Annotated[float, Field(gt=0)] = Field(0.5, description="Sharpening temperature.")
+    mixup_alpha: Annotated[float, Field(gt=0)] = Field(4.0, description="Beta(a, a) of MixMatch.")
+    rampup_epochs: PositiveInt = Field(16, description="Epochs over which r(e) ramps 0 -> 1 after warm-up.")
+    lambda_u: Annotated[float, Field(ge=0)] = Field(1.0, description="Final weight of the unlabelled loss.")
+    reg_weight: Annotated[float, Field(ge=0)] = Field(0.1, description="Weight of L_proto + L_con.")
+    reg_start_offset: Annotated[int, Field(ge=0)] = Field(
+        10, description="L_proto and L_con start this many epochs after warm-up."
+    )
+    proto_momentum: Probability = Field(0.999, description="EMA momentum of the shared prototypes.")
+    proto_temperature: Annotated[float, Field(gt=0)] = Field(0.3, description="Prototype softmax temperature.")
+    con_temperature: Annotated[float, Field(gt=0)] = Field(0.07, description="Contrastive temperature.")
+    key_momentum: Probability = Field(0.999, description="Momentum of the key encoder.")
+    queue_size: PositiveInt = Field(8192, description="Keys in each network's contrastive queue.")
+    proj_dim: PositiveInt = Field(128, description="Projection (embedding) dimension.")
+    proj_hidden: PositiveInt = Field(512, description="Hidden width of the projection head.")
+    randaugment_magnitude: Annotated[int, Field(ge=0, le=30)] = Field(
+        5, description="Magnitude of the one RandAugment op of the strong view."
+    )
+    horizontal_flip: bool | None = Field(
+        None, description="Flip in the weak view; default: off for digits, on otherwise."
+    )
+    validation_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = Field(
+        0.1,
+        description="Share of training samples held out (with their candidate sets only) for model "
+        "selection: the checkpoint whose predictions fall most often in the held-out candidate sets wins. "
+        "Test labels are never looked at. 0 disables selection (the last epoch is kept).",
+    )
+    num_workers: Annotated[int, Field(ge=0)] = Field(0, description="DataLoader worker processes.")
+    device: str = Field("auto", description="'auto' (cuda if available), 'cpu', 'cuda' or 'cuda:N'.")
+    seed: int = Field(0, description="Seed of weights, views, mixing and sampling.")
+
+    @model_validator(mode="after")
+    def _warmup_fits(self) -> TrainConfig:
+        if self.warmup_epochs > self.epochs:
+            raise ValueError("train.warmup_epochs must not exceed train.epochs")
+        return self
+
+
+class EvaluateConfig(_Section):
+    """How the trained model is evaluated on the test split."""
+
+    batch_size: PositiveInt = Field(1024, description="Batch size of the test pass.")
+    plots: bool = Field(True, description="Write the confusion matrix and training curves as PNG.")
+
+
+class RunConfig(_Section):
+    """A whole run: every stage's settings and where its outputs go."""
+
+    output_dir: str = Field("runs/demo", description="Folder that receives one sub-folder per stage.")
+    data: DataConfig = Field(default_factory=DataConfig)
+    annotate: AnnotateConfig = Field(default_factory=AnnotateConfig)
+    aggregate: AggregateConfig = Field(default_factory=AggregateConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+
+
+BUNDLED_CONFIG_DIR = Path(__file__).parent / "configs"
+DEFAULT_CONFIG = BUNDLED_CONFIG_DIR / "digits.yaml"
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"]) or "<root>"
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    return f"{source}: invalid config field '{loc}': {msg}{more}"
+
+
+def parse_config(data: dict[str, Any], source: str = "config") -> RunConfig:
+    """Validate a plain dict into a :class:`RunConfig`, with a one-line error on failure."""
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise CoregError(_format_validation_error(err, source)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a YAML config (default: the bundled digits demo) and apply ``key.sub=value`` overrides."""
+    path = Path(path) if path is not None else DEFAULT_CONFIG
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise CoregError(f"{path}: config file not found") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise CoregError(f"{path}: not valid YAML{where}") from None
+    if not isinstance(raw, dict):
+        raise CoregError(f"{path}: config must be a mapping of sections, got {type(raw).__name__}")
+    for item in overrides or []:
+        _apply_override(raw, item)
+    return parse_config(raw, source=str(path))
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise CoregError(f"override {item!r}: expected key.sub=value")
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise CoregError(f"override {item!r}: '{part}' is not a section")
+    node[parts[-1]] = yaml.safe_load(value)
+
+
+def save_config(config: RunConfig, directory: str | Path) -> Path:
+    """Write the resolved config as ``config.yaml`` in ``directory`` (atomically)."""
+    target = Path(directory) / "config.yaml"
+    write_text(target, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    return target
