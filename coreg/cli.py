@@ -1,0 +1,129 @@
+"""Command line: ``coreg annotate|aggregate|train|evaluate|run``.
+
+Each stage reads the previous stage's folder and writes its own, so stages can be rerun
+alone. Folders default to ``<output_dir>/<stage>`` from the config, so the same
+``--config`` chains them without naming any folder. User errors print one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from coreg import __version__
+from coreg.config import DEFAULT_CONFIG, RunConfig, load_config
+from coreg.errors import CoregError
+
+log = logging.getLogger("coreg")
+
+STAGES = ("annotate", "aggregate", "train", "evaluate")
+
+
+def stage_dir(config: RunConfig, stage: str) -> Path:
+    return Path(config.output_dir) / stage
+
+
+def run_all(config: RunConfig, *, resume: bool = False, progress: bool = True) -> dict[str, Path]:
+    """Annotate, aggregate, train and evaluate in one go; returns each stage's folder."""
+    from coreg.aggregate import run_aggregate
+    from coreg.annotate import run_annotate
+    from coreg.evaluate import run_evaluate
+    from coreg.train.stage import run_train
+
+    dirs = {stage: stage_dir(config, stage) for stage in STAGES}
+    log.info("[1/4] annotate -> %s", dirs["annotate"])
+    run_annotate(config, dirs["annotate"])
+    log.info("[2/4] aggregate -> %s", dirs["aggregate"])
+    run_aggregate(config, dirs["annotate"], dirs["aggregate"])
+    log.info("[3/4] train -> %s", dirs["train"])
+    run_train(config, dirs["aggregate"], dirs["train"], resume=resume, progress=progress)
+    log.info("[4/4] evaluate -> %s", dirs["evaluate"])
+    run_evaluate(config, dirs["train"], dirs["evaluate"], annotations_dir=dirs["annotate"])
+    return dirs
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="coreg", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"coreg {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--config", type=Path, default=None,
+                       help=f"YAML run config (default: the bundled demo, {DEFAULT_CONFIG.name})")
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override one config field, e.g. --set train.epochs=5 (repeatable)")
+        p.add_argument("--quiet", action="store_true", help="no progress bars, warnings only")
+        return p
+
+    p = add("annotate", "Label the images with the configured annotators.")
+    p.add_argument("--out", type=Path, help="output folder (default: <output_dir>/annotate)")
+    p = add("aggregate", "Turn annotations into candidate label sets and a quality summary.")
+    p.add_argument("--annotations", type=Path, help="annotate stage folder (default: <output_dir>/annotate)")
+    p.add_argument("--out", type=Path, help="output folder (default: <output_dir>/aggregate)")
+    p = add("train", "Train Co-Reg on the candidate sets.")
+    p.add_argument("--candidates", type=Path, help="aggregate stage folder (default: <output_dir>/aggregate)")
+    p.add_argument("--out", type=Path, help="output folder (default: <output_dir>/train)")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    p = add("evaluate", "Evaluate the trained model on the test split.")
+    p.add_argument("--model", type=Path, help="train stage folder (default: <output_dir>/train)")
+    p.add_argument("--annotations", type=Path,
+                   help="annotate stage folder for the zero-shot comparison (default: from the lineage)")
+    p.add_argument("--out", type=Path, help="output folder (default: <output_dir>/evaluate)")
+    p = add("run", "Run annotate, aggregate, train and evaluate in sequence.")
+    p.add_argument("--out", type=Path, help="output folder for all stages (overrides output_dir)")
+    p.add_argument("--resume", action="store_true", help="resume training from its last checkpoint")
+    return parser
+
+
+def _dispatch(args: argparse.Namespace) -> Path:
+    config = load_config(args.config, args.overrides)
+    progress = not args.quiet
+    if args.command == "run":
+        if args.out is not None:
+            config.output_dir = str(args.out)
+        dirs = run_all(config, resume=args.resume, progress=progress)
+        return dirs["evaluate"]
+    if args.command == "annotate":
+        from coreg.annotate import run_annotate
+
+        return run_annotate(config, args.out or stage_dir(config, "annotate"))
+    if args.command == "aggregate":
+        from coreg.aggregate import run_aggregate
+
+        return run_aggregate(config, args.annotations or stage_dir(config, "annotate"),
+                             args.out or stage_dir(config, "aggregate"))
+    if args.command == "train":
+        from coreg.train.stage import run_train
+
+        return run_train(config, args.candidates or stage_dir(config, "aggregate"),
+                         args.out or stage_dir(config, "train"), resume=args.resume, progress=progress)
+    from coreg.evaluate import run_evaluate
+
+    return run_evaluate(config, args.model or stage_dir(config, "train"),
+                        args.out or stage_dir(config, "evaluate"), annotations_dir=args.annotations)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        out = _dispatch(args)
+    except CoregError as err:
+        print(f"coreg {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"coreg {args.command}: interrupted", file=sys.stderr)
+        return 130
+    print(f"coreg {args.command}: done, output in {out}")
+    if args.command in ("run", "evaluate"):
+        print(f"report: {Path(out) / 'report.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

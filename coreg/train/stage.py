@@ -1,0 +1,92 @@
+"""Train stage: candidate sets on disk -> a trained Co-Reg model on disk.
+
+This is the glue between the data contracts and :func:`coreg.train.trainer.fit`: it
+checks that the candidate sets belong to the configured data set, holds out a seeded
+validation part of the training split (its candidate sets, never its labels, drive model
+selection), loads the images and runs the trainer. The output folder is kept between
+calls so ``resume=True`` can continue from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from coreg import contracts
+from coreg.atomic import atomic_path
+from coreg.config import RunConfig, save_config
+from coreg.data import load_dataset
+from coreg.errors import CoregError
+from coreg.lineage import write_lineage
+from coreg.train.trainer import fit
+
+log = logging.getLogger(__name__)
+
+ROLES_FILE = "train_roles.parquet"
+
+
+def validation_roles(n: int, fraction: float, seed: int) -> np.ndarray:
+    """Seeded 'fit'/'val' roles for the n training samples (at least one of each when n allows)."""
+    roles = np.full(n, "fit", dtype=object)
+    n_val = round(n * fraction)
+    if fraction > 0 and n >= 2:
+        n_val = min(max(n_val, 1), n - 1)
+        roles[np.random.default_rng(seed).permutation(n)[:n_val]] = "val"
+    return roles
+
+
+def run_train(config: RunConfig, candidates_dir: Path, out_dir: Path, *, resume: bool = False,
+              progress: bool = True, stop_after_epoch: int | None = None) -> Path:
+    """Train Co-Reg on the train split of ``candidates_dir``; write the model into ``out_dir``."""
+    candidates_dir, out_dir = Path(candidates_dir), Path(out_dir)
+    class_names = contracts.read_classes(candidates_dir)
+    samples = contracts.read_samples(candidates_dir)
+    candidates = contracts.read_candidates(candidates_dir, len(class_names))
+
+    train_ids = samples.loc[samples["split"] == "train", "sample_id"].reset_index(drop=True)
+    sets = candidates.set_index("sample_id")["candidates"].reindex(train_ids.to_numpy())
+    if sets.isna().any():
+        missing = train_ids[sets.isna().to_numpy()].iloc[0]
+        raise CoregError(f"{candidates_dir / contracts.CANDIDATES_FILE}: training sample {missing!r} has no "
+                         "candidate set")
+    dataset = load_dataset(config.data)
+    if list(dataset.class_names) != class_names:
+        raise CoregError(f"{candidates_dir / contracts.CLASSES_FILE}: class names differ from the configured "
+                         f"data set ({config.data.source}); the annotations come from a different data set")
+    position = {sid: i for i, sid in enumerate(dataset.sample_ids)}
+    unknown = [sid for sid in train_ids if sid not in position]
+    if unknown:
+        raise CoregError(f"{candidates_dir / contracts.SAMPLES_FILE}: sample {unknown[0]!r} is not in the "
+                         f"configured data set ({config.data.source}); the annotations come from a different "
+                         "data set")
+
+    cfg = config.train
+    roles = validation_roles(len(train_ids), cfg.validation_fraction, cfg.seed)
+    y = contracts.candidate_matrix(list(sets), len(class_names))
+    indices = np.array([position[sid] for sid in train_ids])
+    channels = config.data.resolved_channels()
+    images = dataset.load_images(indices, config.data.image_size, channels)
+    fit_mask, val_mask = roles == "fit", roles == "val"
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_config(config, out_dir)
+    write_lineage(out_dir, "train", {"candidates": candidates_dir})
+    contracts.write_classes(out_dir, class_names)
+    contracts.write_samples(out_dir, samples)
+    with atomic_path(out_dir / ROLES_FILE) as tmp:
+        pd.DataFrame({"sample_id": train_ids, "role": roles.astype(str)}).to_parquet(tmp, index=False)
+
+    flip = cfg.horizontal_flip if cfg.horizontal_flip is not None else config.data.source != "digits"
+    log.info("training on %d samples (%d held out for model selection), %d classes",
+             int(fit_mask.sum()), int(val_mask.sum()), len(class_names))
+    fit(
+        images[fit_mask], y[fit_mask], cfg, out_dir,
+        horizontal_flip=flip, resume=resume,
+        val_images=images[val_mask] if val_mask.any() else None,
+        val_candidates=y[val_mask] if val_mask.any() else None,
+        progress=progress, stop_after_epoch=stop_after_epoch,
+    )
+    return out_dir
