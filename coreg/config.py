@@ -91,7 +91,18 @@ class AnnotateConfig(_Section):
         "noisier teacher. They are drawn from the train split only.",
     )
     teacher_blur: Annotated[float, Field(ge=0.0)] = Field(
-        1.0, description="Gaussian blur sigma (pixels) of the degraded view the teacher sees."
+        3.0,
+        description="Gaussian blur sigma (pixels of the teacher view) of the degraded view the teacher sees. "
+        "The defaults give, on digits, a zero-shot accuracy of about 65%, a noise rate of about 12% and "
+        "mean |S| of about 2.2 (like CLIP on a hard data set).",
+    )
+    teacher_image_size: PositiveInt = Field(
+        16, description="Side length, in pixels, of the grey, downsampled view the weak teacher sees."
+    )
+    teacher_logit_scale: Annotated[float, Field(gt=0.0)] = Field(
+        4.0,
+        description="Mean per-sample std of the teacher's logits after standardising; sets how confident the "
+        "teacher is relative to bias_scale and logit_noise, the same way on every data set.",
     )
     bias_scale: Annotated[float, Field(ge=0.0)] = Field(
         0.8, description="Std of each annotator's per-class logit bias (its own confusions)."
@@ -100,7 +111,7 @@ class AnnotateConfig(_Section):
         (0.5, 2.0), description="Each annotator's softmax temperature is drawn log-uniformly from this range."
     )
     logit_noise: Annotated[float, Field(ge=0.0)] = Field(
-        0.5, description="Std of per-sample, per-annotator logit noise."
+        0.7, description="Std of per-sample, per-annotator logit noise."
     )
     q: Probability = Field(0.3, description="Synthetic protocol: each wrong label enters the set with prob q.")
     eta: Probability = Field(

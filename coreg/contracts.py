@@ -16,6 +16,13 @@ annotations.parquet sample_id: string, annotator: string, label: int32,
 candidates.parquet  sample_id: string (unique), candidates: list<int32> (non-empty,
                     sorted, unique), mean_probs: list<float32> of length K or null
 ==================  ==================================================================
+
+Annotations are long-format: one row per (sample_id, annotator) pair, which is unique. An
+annotator need not answer every sample, but every sample needs at least one answer. The
+synthetic NPLL protocol (``coreg.annotate.synthetic``) writes its candidate set S as one row
+per label in S from a per-class pseudo-annotator ``synthetic-<class index>`` (its top-1 is
+that class, no probabilities), so the ``union`` rule rebuilds exactly S while the pair stays
+unique.
 """
 
 from __future__ import annotations

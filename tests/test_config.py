@@ -31,7 +31,8 @@ def test_bundled_demo_config_loads() -> None:
 
 
 def test_overrides_apply_with_yaml_types(tmp_path: Path) -> None:
-    cfg = load_config(DEFAULT_CONFIG, ["train.epochs=3", "train.device=cpu", "aggregate.rule=topk"])
+    overrides = ["train.epochs=3", "train.warmup_epochs=1", "train.device=cpu", "aggregate.rule=topk"]
+    cfg = load_config(DEFAULT_CONFIG, overrides)
     assert cfg.train.epochs == 3 and cfg.train.device == "cpu" and cfg.aggregate.rule == "topk"
 
 
@@ -57,11 +58,11 @@ def test_invalid_values_fail_with_one_line_naming_the_field(data: dict, expected
 
 
 def test_file_errors_name_the_file(tmp_path: Path) -> None:
-    with pytest.raises(CoregError, match="missing.yaml: config file not found"):
+    with pytest.raises(CoregError, match=r"missing\.yaml: config file not found"):
         load_config(tmp_path / "missing.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("train: [unclosed\n")
-    with pytest.raises(CoregError, match="bad.yaml: not valid YAML at line"):
+    with pytest.raises(CoregError, match=r"bad\.yaml: not valid YAML at line"):
         load_config(bad)
     listy = tmp_path / "list.yaml"
     listy.write_text("- a\n- b\n")
