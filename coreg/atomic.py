@@ -30,10 +30,18 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
+        # mkstemp creates 0600; give the file the mode a plain open() would have.
+        tmp.chmod(0o666 & ~_umask())
         os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_text(target: str | os.PathLike[str], text: str) -> None:
@@ -67,6 +75,7 @@ def staged_directory(target: str | os.PathLike[str]) -> Iterator[Path]:
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".staging", dir=target.parent))
     try:
         yield staging
+        staging.chmod(0o777 & ~_umask())  # mkdtemp creates 0700
         if target.exists():
             old = target.with_name(f".{target.name}.old")
             if old.exists():

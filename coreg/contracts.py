@@ -173,20 +173,30 @@ def read_annotations(directory: Path, num_classes: int) -> pd.DataFrame:
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
         raise CoregError(f"{path}: row {row}: probability {prob[row]} is outside [0, 1]")
-    for row, vec in enumerate(df["probs"]):
-        if vec is None:
-            continue
-        arr = np.asarray(vec, dtype=np.float64)
-        if arr.shape != (num_classes,) or not np.all(np.isfinite(arr)) or (arr < 0).any():
-            raise CoregError(
-                f"{path}: row {row}: probs must be {num_classes} finite non-negative numbers"
-            )
+    _check_prob_vectors(df["probs"], num_classes, path)
     dup = df.duplicated(["sample_id", "annotator"])
     if dup.any():
         row = int(np.flatnonzero(dup.to_numpy())[0])
         raise CoregError(f"{path}: row {row}: annotator {df['annotator'].iloc[row]!r} answers "
                          f"sample {df['sample_id'].iloc[row]!r} twice")
     return df
+
+
+def _check_prob_vectors(probs: pd.Series, num_classes: int, path: Path) -> None:
+    """Every non-null probability vector has K finite, non-negative entries (vectorised)."""
+    given = probs.notna().to_numpy()
+    if not given.any():
+        return
+    rows = np.flatnonzero(given)
+    lengths = np.fromiter((len(v) for v in probs.to_numpy()[given]), dtype=np.int64, count=len(rows))
+    bad_len = lengths != num_classes
+    if bad_len.any():
+        raise CoregError(f"{path}: row {rows[bad_len][0]}: probs must be {num_classes} numbers, "
+                         f"got {lengths[bad_len][0]}")
+    values = np.stack(probs.to_numpy()[given]).astype(np.float64)
+    bad = ~np.isfinite(values).all(axis=1) | (values < 0).any(axis=1)
+    if bad.any():
+        raise CoregError(f"{path}: row {rows[bad][0]}: probs must be finite and non-negative")
 
 
 # ----------------------------------------------------------------------------- candidates
@@ -210,6 +220,8 @@ def read_candidates(directory: Path, num_classes: int) -> pd.DataFrame:
 def candidate_matrix(candidates: Sequence[Sequence[int]], num_classes: int) -> np.ndarray:
     """Turn candidate lists into the n x K 0/1 matrix Y of the method."""
     y = np.zeros((len(candidates), num_classes), dtype=np.float32)
-    for i, cands in enumerate(candidates):
-        y[i, np.asarray(cands, dtype=np.int64)] = 1.0
+    lengths = np.fromiter((len(c) for c in candidates), dtype=np.int64, count=len(candidates))
+    if lengths.sum():
+        rows = np.repeat(np.arange(len(candidates)), lengths)
+        y[rows, np.concatenate([np.asarray(c, dtype=np.int64) for c in candidates])] = 1.0
     return y
