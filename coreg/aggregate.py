@@ -43,6 +43,7 @@ from coreg.contracts import (
     write_samples,
 )
 from coreg.errors import CoregError
+from coreg.lineage import write_lineage
 
 QUALITY_JSON = "quality.json"
 QUALITY_MD = "quality.md"
@@ -284,6 +285,7 @@ def run_aggregate(config: RunConfig, annotations_dir: Path, out_dir: Path) -> Pa
     summary = quality_summary(agg, annotations, samples, config.aggregate)
     with staged_directory(out_dir) as staging:
         save_config(config, staging)
+        write_lineage(staging, "aggregate", {"annotations": annotations_dir})
         write_classes(staging, class_names)
         write_samples(staging, samples)
         write_candidates(staging, candidates_frame(sample_ids, agg))

@@ -23,7 +23,7 @@ from coreg.data import load_dataset
 from coreg.errors import CoregError
 from coreg.lineage import read_input, write_lineage
 from coreg.train import load_trained, predict_logits
-from coreg.train.device import resolve_device
+from coreg.train.trainer import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +201,7 @@ def run_evaluate(
 
     device = resolve_device(config.train.device)
     model = load_trained(train_dir / "model.pt", device)
-    images = dataset.load_images(indices, model.image_size, model.in_channels)
+    images = dataset.load_images(indices, model.arch["image_size"], model.arch["in_channels"])
     logits = predict_logits(model, images, config.evaluate.batch_size, device)
     probs = _softmax(logits)
     pred = probs.argmax(1)

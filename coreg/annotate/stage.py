@@ -26,6 +26,7 @@ from coreg.data.dataset import ImageDataset
 from coreg.data.sources import load_dataset
 from coreg.data.splits import split_samples
 from coreg.errors import CoregError
+from coreg.lineage import write_lineage
 
 SUMMARY_FILE = "annotation_summary.json"
 
@@ -129,6 +130,7 @@ def run_annotate(config: RunConfig, out_dir: Path) -> Path:
     out_dir = Path(out_dir)
     with staged_directory(out_dir) as staging:
         save_config(config, staging)
+        write_lineage(staging, "annotate", {"data": Path(config.data.path)} if config.data.path else {})
         write_classes(staging, dataset.class_names)
         write_samples(staging, samples)
         write_annotations(staging, annotations)

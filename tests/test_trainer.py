@@ -1,0 +1,238 @@
+"""End-to-end checks of Co-Reg training on a tiny synthetic data set (CPU, seconds)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from coreg.config import TrainConfig
+from coreg.errors import CoregError
+from coreg.train import FitResult, fit, load_trained, predict_logits
+from coreg.train import trainer as trainer_module
+from coreg.train.backbones import build_backbone
+from coreg.train.clean_split import LossHistory, gmm_clean_weights
+from coreg.train.network import CoRegEnsemble, CoRegNet
+
+K = 4
+SIZE = 16
+
+
+def make_images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Grey 16x16 images: class c lights up quadrant c, plus Gaussian noise."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, K, n)
+    images = rng.normal(60, 25, (n, 1, SIZE, SIZE))
+    half = SIZE // 2
+    for c in range(K):
+        r, col = divmod(c, 2)
+        images[y == c, 0, r * half + 2:r * half + half - 2, col * half + 2:col * half + half - 2] += 150
+    return np.clip(images, 0, 255).astype(np.uint8), y
+
+
+def noisy_candidates(y: np.ndarray, q: float, eta: float, seed: int) -> np.ndarray:
+    """The NPLL protocol: wrong labels enter with prob q; with prob eta the true label is swapped out."""
+    rng = np.random.default_rng(seed)
+    n = len(y)
+    cand = (rng.random((n, K)) < q).astype(np.float32)
+    cand[np.arange(n), y] = 1.0
+    for i in np.flatnonzero(rng.random(n) < eta):
+        cand[i, y[i]] = 0.0
+        free = [j for j in range(K) if cand[i, j] == 0 and j != y[i]]
+        if free:
+            cand[i, rng.choice(free)] = 1.0
+    return cand
+
+
+def tiny_config(**overrides: object) -> TrainConfig:
+    base = {"backbone": "small_cnn", "epochs": 6, "warmup_epochs": 2, "reg_start_offset": 1, "rampup_epochs": 2,
+            "batch_size": 32, "warmup_batch_size": 16, "eval_batch_size": 128, "queue_size": 64, "proj_hidden": 64,
+            "proj_dim": 32, "lr": 0.05, "device": "cpu", "seed": 7}
+    base.update(overrides)
+    return TrainConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def data() -> dict[str, np.ndarray]:
+    x, y = make_images(200, seed=0)
+    cand = noisy_candidates(y, q=0.3, eta=0.3, seed=1)
+    x_val, y_val = make_images(60, seed=2)
+    x_test, y_test = make_images(200, seed=3)
+    return {"x": x, "y": y, "cand": cand, "x_val": x_val, "cand_val": noisy_candidates(y_val, 0.3, 0.1, 4),
+            "x_test": x_test, "y_test": y_test}
+
+
+@pytest.fixture(scope="module")
+def reference_run(data: dict[str, np.ndarray], tmp_path_factory: pytest.TempPathFactory) -> FitResult:
+    out = tmp_path_factory.mktemp("reference")
+    return fit(data["x"], data["cand"], tiny_config(), out, horizontal_flip=False, val_images=data["x_val"],
+               val_candidates=data["cand_val"], progress=False)
+
+
+def _model_state(out_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(out_dir / "checkpoints" / "last.pt", weights_only=True)["model"]
+
+
+def _assert_same_weights(a: Path, b: Path) -> None:
+    sa, sb = _model_state(a), _model_state(b)
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert torch.equal(sa[key], sb[key]), key
+
+
+def test_learns_above_candidate_noise(reference_run: FitResult, data: dict[str, np.ndarray]) -> None:
+    model = load_trained(reference_run.model_path)
+    acc = float((predict_logits(model, data["x_test"]).argmax(1) == data["y_test"]).mean())
+    partial_accuracy = float(data["cand"][np.arange(len(data["y"])), data["y"]].mean())  # about 0.7
+    assert acc > 0.85 and acc > partial_accuracy + 0.1
+    phases = [h["phase"] for h in reference_run.history]
+    assert phases == ["warmup", "warmup", "coreg", "coreg", "coreg", "coreg"]
+    last = reference_run.history[-1]
+    assert last["regularisers"] and last["l_con"] > 0 and last["l_proto"] > 0  # every loss path ran
+    assert last["clean_net1"] > 0 and last["clean_net2"] > 0
+    assert reference_run.best_epoch is not None and reference_run.best_val_hit_rate is not None
+
+
+def test_two_seeded_runs_are_identical(reference_run: FitResult, data: dict[str, np.ndarray],
+                                       tmp_path: Path) -> None:
+    fit(data["x"], data["cand"], tiny_config(), tmp_path, horizontal_flip=False, val_images=data["x_val"],
+        val_candidates=data["cand_val"], progress=False)
+    _assert_same_weights(reference_run.model_path.parent, tmp_path)
+
+
+def test_resume_matches_uninterrupted_run(reference_run: FitResult, data: dict[str, np.ndarray],
+                                          tmp_path: Path) -> None:
+    kwargs = {"horizontal_flip": False, "val_images": data["x_val"], "val_candidates": data["cand_val"],
+              "progress": False}
+    first = fit(data["x"], data["cand"], tiny_config(), tmp_path, stop_after_epoch=4, **kwargs)
+    assert len(first.history) == 4
+    resumed = fit(data["x"], data["cand"], tiny_config(), tmp_path, resume=True, **kwargs)
+    _assert_same_weights(reference_run.model_path.parent, tmp_path)
+    strip = [{k: v for k, v in h.items() if k != "seconds"} for h in resumed.history]
+    assert strip == [{k: v for k, v in h.items() if k != "seconds"} for h in reference_run.history]
+    assert resumed.best_epoch == reference_run.best_epoch
+    with pytest.raises(CoregError, match="epochs"):
+        fit(data["x"], data["cand"], tiny_config(epochs=7), tmp_path, resume=True, **kwargs)
+
+
+def test_worker_processes_give_the_same_weights(data: dict[str, np.ndarray], tmp_path: Path) -> None:
+    cfg = {"epochs": 2, "warmup_epochs": 1, "reg_start_offset": 0}  # one warm-up and one Co-Reg epoch
+    fit(data["x"], data["cand"], tiny_config(**cfg), tmp_path / "a", horizontal_flip=True, progress=False)
+    fit(data["x"], data["cand"], tiny_config(**cfg, num_workers=2), tmp_path / "b", horizontal_flip=True,
+        progress=False)
+    _assert_same_weights(tmp_path / "a", tmp_path / "b")
+
+
+@pytest.mark.parametrize("split", ["all_clean", "none_clean"])
+def test_empty_split_does_not_crash(split: str, data: dict[str, np.ndarray], tmp_path: Path,
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    def forced(losses: np.ndarray, threshold: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        w = np.ones(len(losses)) if split == "all_clean" else np.zeros(len(losses))
+        return w, w > threshold
+
+    monkeypatch.setattr(trainer_module, "gmm_clean_weights", forced)
+    result = fit(data["x"][:80], data["cand"][:80], tiny_config(epochs=3, warmup_epochs=1, reg_start_offset=0),
+                 tmp_path, horizontal_flip=False, progress=False)
+    last = result.history[-1]
+    assert last["clean_net1"] == (80 if split == "all_clean" else 0)
+    assert np.isfinite(last["loss"])
+    assert result.model_path.exists() and result.best_val_hit_rate is None
+
+
+def test_single_correct_candidates_train(data: dict[str, np.ndarray], tmp_path: Path) -> None:
+    exact = np.eye(K, dtype=np.float32)[data["y"][:80]]
+    result = fit(data["x"][:80], exact, tiny_config(epochs=3, warmup_epochs=1, reg_start_offset=0), tmp_path,
+                 horizontal_flip=False, progress=False)
+    assert all(np.isfinite(h["loss"]) for h in result.history)
+
+
+def test_model_roundtrip_and_weights_only(reference_run: FitResult, data: dict[str, np.ndarray]) -> None:
+    path = reference_run.model_path
+    payload = torch.load(path, weights_only=True)
+    assert payload["arch"]["backbone"] == "small_cnn" and payload["epoch"] == reference_run.best_epoch
+    ckpt = torch.load(path.parent / "checkpoints" / "last.pt", weights_only=True)
+    assert ckpt["next_epoch"] == 6 and len(ckpt["history"]) == 6
+    assert (path.parent / "history.json").exists()
+    model = load_trained(path, "cpu")
+    assert not model.training
+    logits = predict_logits(model, data["x_test"][:10], batch_size=4)
+    assert logits.shape == (10, K) and logits.dtype == np.float32
+    x = model.normalize(torch.from_numpy(data["x_test"][:3]))
+    with torch.no_grad():
+        assert torch.allclose(model(x), model.net1(x) + model.net2(x))
+        assert np.allclose(model(x).numpy(), logits[:3], atol=1e-5)
+
+
+def test_load_trained_errors(tmp_path: Path) -> None:
+    with pytest.raises(CoregError, match=r"missing\.pt"):
+        load_trained(tmp_path / "missing.pt")
+    other = tmp_path / "other.pt"
+    torch.save({"weights": torch.zeros(2)}, other)
+    with pytest.raises(CoregError, match=r"other\.pt"):
+        load_trained(other)
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a torch file")
+    with pytest.raises(CoregError, match=r"garbage\.pt"):
+        load_trained(garbage)
+
+
+def test_bad_inputs_raise(tmp_path: Path) -> None:
+    with pytest.raises(CoregError, match="uint8"):
+        fit(np.zeros((4, 1, 8, 8), np.float32), np.ones((4, 2), np.float32), tiny_config(), tmp_path,
+            horizontal_flip=False, progress=False)
+    with pytest.raises(CoregError, match="candidates"):
+        fit(np.zeros((4, 1, 8, 8), np.uint8), np.ones((3, 2), np.float32), tiny_config(), tmp_path,
+            horizontal_flip=False, progress=False)
+
+
+@pytest.mark.parametrize(("size", "channels"), [(32, 1), (64, 3)])
+def test_preact_resnet18_shapes(size: int, channels: int) -> None:
+    net, dim = build_backbone("preact_resnet18", channels, size)
+    assert dim == 512
+    net.eval()
+    with torch.no_grad():
+        assert net(torch.zeros(2, channels, size, size)).shape == (2, 512)
+    # 64 px inputs: layer1 downsamples, so layer4 sees the same 4x4 maps as at 32 px
+    assert net.layer1[0].conv1.stride == ((1, 1) if size == 32 else (2, 2))
+
+
+@pytest.mark.parametrize("size", [8, 16, 32])
+def test_small_cnn_any_size(size: int) -> None:
+    net, dim = build_backbone("small_cnn", 3, size)
+    assert net(torch.zeros(2, 3, size, size)).shape == (2, dim)
+
+
+def test_queue_valid_mask_and_wraparound() -> None:
+    net = CoRegNet("small_cnn", 1, 8, num_classes=3, proj_hidden=8, proj_dim=4, queue_size=5)
+    assert not net.queue_valid.any()  # an empty queue, not random noise
+    keys = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    net.enqueue(keys, torch.eye(3), torch.tensor([True, False, True]))
+    assert net.queue_valid.tolist() == [True, True, True, False, False]
+    net.enqueue(keys, torch.eye(3), torch.tensor([False, False, False]))
+    assert net.queue_valid.all() and int(net.queue_ptr) == 1
+    assert net.queue_clean.tolist() == [False, False, True, False, False]
+    net.reset_key_encoder()
+    assert torch.equal(net.key_head[0].weight, net.head[0].weight)
+
+
+def test_ensemble_forward_sums_logits() -> None:
+    arch = {"backbone": "small_cnn", "in_channels": 1, "image_size": 8, "num_classes": 3, "proj_hidden": 8,
+            "proj_dim": 4}
+    model = CoRegEnsemble(arch).eval()
+    x = torch.randn(2, 1, 8, 8)
+    assert torch.allclose(model(x), model.net1(x) + model.net2(x))
+
+
+def test_clean_split_degenerate_and_history() -> None:
+    w, clean = gmm_clean_weights(np.full(10, 0.3), 0.5, seed=0)
+    assert clean.all() and np.allclose(w, 1.0)
+    losses = np.r_[np.full(20, 0.05), np.full(10, 0.9)] + np.linspace(0, 0.01, 30)
+    w, clean = gmm_clean_weights(losses, 0.5, seed=0)
+    assert clean[:20].all() and not clean[20:].any()
+    hist = LossHistory(2, 3)
+    hist.update(torch.tensor([0.0, 1.0, 2.0]))
+    hist.update(torch.tensor([5.0, 5.0, 5.0]))  # a flat epoch normalises to zeros
+    out = hist.update(torch.tensor([2.0, 1.0, 0.0]))  # only the last 2 epochs count
+    assert out.tolist() == pytest.approx([0.5, 0.25, 0.0])
