@@ -19,10 +19,10 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/coreg run --config coreg/configs/digits.yaml
+	$(BIN)/coreg pipeline run --local --config coreg/configs/digits.yaml
 
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 MLFLOW_DISABLE_TELEMETRY=true $(BIN)/python -m pytest -q
+	HF_HUB_OFFLINE=1 MLFLOW_DISABLE_TELEMETRY=true GIT_PYTHON_REFRESH=quiet $(BIN)/python -m pytest -q
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

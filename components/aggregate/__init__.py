@@ -1,0 +1,1 @@
+"""The aggregate component (see README.md)."""

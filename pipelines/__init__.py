@@ -1,0 +1,1 @@
+"""The coreg Kubeflow pipeline (see coreg_pipeline.py and README.md)."""
