@@ -14,6 +14,12 @@ then falls back to its plurality-vote label (the class most annotators named, ti
 lowest class index), and the summary counts these fallbacks in ``empty_set_fallbacks``.
 ``mean_probs`` is the mean of the probability vectors the annotators gave (null when none did).
 
+Samples the annotate stage could not read (its ``skipped.parquet``) are dropped with their
+answers and counted (``skipped_samples``); they also leave the ``samples.parquet`` this stage
+writes, so training and evaluation never try to open them. Any other sample without an
+answer is still an error. Few-shot human labels (annotate's ``few_shot.parquet``) replace the
+sample's set by the single true label and are flagged ``few_shot`` in ``candidates.parquet``.
+
 The quality report (``quality.json``/``quality.md``) gives, on all samples and per split: the
 mean set size, the set-size histogram, each annotator's agreement with the plurality vote
 and, where ground truth is known, coverage (share with the true label in S, the reference's
@@ -37,7 +43,9 @@ from coreg.contracts import (
     SPLITS,
     read_annotations,
     read_classes,
+    read_few_shot,
     read_samples,
+    read_skipped,
     write_candidates,
     write_classes,
     write_samples,
@@ -47,6 +55,8 @@ from coreg.lineage import write_lineage
 
 QUALITY_JSON = "quality.json"
 QUALITY_MD = "quality.md"
+QUALITY_REPORT_MD = "quality_report.md"
+QUALITY_REPORT_HTML = "quality_report.html"
 
 
 @dataclass
@@ -58,6 +68,7 @@ class Aggregation:
     mean_probs: np.ndarray
     fallback: np.ndarray
     sample_index: np.ndarray  # per annotation row: its sample's position
+    few_shot: np.ndarray | None = None  # (n,) bool: the set is a human label
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -119,11 +130,16 @@ def top_k_mask(scores: np.ndarray, k: int) -> np.ndarray:
 
 
 def candidate_sets(
-    votes: np.ndarray, mean_probs: np.ndarray, cfg: AggregateConfig, source: str
+    votes: np.ndarray, mean_probs: np.ndarray, cfg: AggregateConfig, source: str, exempt: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Apply the rule; return the candidate matrix and the mask of empty-set fallbacks."""
+    """Apply the rule; return the candidate matrix and the mask of empty-set fallbacks.
+
+    ``exempt`` marks samples whose set is replaced afterwards (few-shot labels): they need no probs.
+    """
     if cfg.rule in ("topk", "ratio"):
         missing = np.isnan(mean_probs).any(axis=1)
+        if exempt is not None:
+            missing &= ~exempt
         if missing.any():
             first = int(np.flatnonzero(missing)[0])
             raise CoregError(
@@ -150,17 +166,29 @@ def aggregate_annotations(
     num_classes: int,
     cfg: AggregateConfig,
     source: str = ANNOTATIONS_FILE,
+    few_shot_labels: np.ndarray | None = None,
 ) -> Aggregation:
-    """Candidate sets for ``sample_ids`` (in that order); every sample needs at least one annotation."""
+    """Candidate sets for ``sample_ids`` (in that order); every sample needs at least one annotation.
+
+    ``few_shot_labels`` (n,), -1 where unknown: human labels that become single-label sets (and
+    need no annotation).
+    """
     n = len(sample_ids)
+    human = np.full(n, -1, dtype=np.int64) if few_shot_labels is None else np.asarray(few_shot_labels, np.int64)
+    labelled = human >= 0
     pos = sample_positions(annotations, sample_ids, source)
     votes = vote_matrix(pos, annotations["label"].to_numpy(), n, num_classes)
-    unanswered = votes.sum(axis=1) == 0
+    unanswered = (votes.sum(axis=1) == 0) & ~labelled
     if unanswered.any():
         raise CoregError(f"{source}: sample {sample_ids[int(np.flatnonzero(unanswered)[0])]!r} has no annotation")
     mean = mean_probabilities(pos, annotations["probs"], n, num_classes)
-    sets, fallback = candidate_sets(votes, mean, cfg, source)
-    return Aggregation(sets, votes, mean, fallback, pos)
+    sets, fallback = candidate_sets(votes, mean, cfg, source, exempt=labelled)
+    if labelled.any():
+        rows = np.flatnonzero(labelled)
+        sets[rows] = False
+        sets[rows, human[rows]] = True
+        fallback[rows] = False
+    return Aggregation(sets, votes, mean, fallback, pos, labelled)
 
 
 def candidates_frame(sample_ids: Sequence[str], agg: Aggregation) -> pd.DataFrame:
@@ -170,7 +198,8 @@ def candidates_frame(sample_ids: Sequence[str], agg: Aggregation) -> pd.DataFram
     lists = np.split(cols.astype(np.int32), bounds)
     has = ~np.isnan(agg.mean_probs).any(axis=1)
     mean = [agg.mean_probs[i] if has[i] else None for i in range(len(sample_ids))]
-    return pd.DataFrame({"sample_id": list(sample_ids), "candidates": lists, "mean_probs": mean})
+    few = np.zeros(len(sample_ids), dtype=bool) if agg.few_shot is None else agg.few_shot
+    return pd.DataFrame({"sample_id": list(sample_ids), "candidates": lists, "mean_probs": mean, "few_shot": few})
 
 
 # ----------------------------------------------------------------------------- quality summary
@@ -269,20 +298,51 @@ def quality_markdown(summary: dict[str, Any]) -> str:
     lines += ["", "| annotator | answered | agreement with plurality | accuracy |", "|---|---|---|---|"]
     for name, row in summary["all"]["annotators"].items():
         lines.append(f"| {name} | {row['answered']} | {_fmt(row['agreement'])} | {_fmt(row['accuracy'])} |")
+    if summary.get("skipped_samples"):
+        lines += ["", f"{summary['skipped_samples']} sample(s) dropped: their images could not be read "
+                  "(listed in the annotate folder's skipped.parquet)."]
+    if summary.get("few_shot_samples"):
+        lines += ["", f"{summary['few_shot_samples']} sample(s) carry a few-shot human label (single-label set)."]
     return "\n".join(lines) + "\n"
 
 
 # ----------------------------------------------------------------------------- stage
+def drop_skipped(
+    samples: pd.DataFrame, annotations: pd.DataFrame, skipped: pd.DataFrame
+) -> tuple[pd.DataFrame, pd.DataFrame, int]:
+    """Remove the samples annotate could not read (and any answers they got); return how many."""
+    if skipped.empty:
+        return samples, annotations, 0
+    gone = set(skipped["sample_id"])
+    keep = ~samples["sample_id"].isin(gone)
+    samples = samples[keep].reset_index(drop=True)
+    annotations = annotations[~annotations["sample_id"].isin(gone)].reset_index(drop=True)
+    return samples, annotations, int((~keep).sum())
+
+
 def run_aggregate(config: RunConfig, annotations_dir: Path, out_dir: Path) -> Path:
     """Read an annotate folder, build candidate sets, and write the aggregate folder atomically."""
     annotations_dir, out_dir = Path(annotations_dir), Path(out_dir)
     class_names = read_classes(annotations_dir)
     samples = read_samples(annotations_dir)
     annotations = read_annotations(annotations_dir, len(class_names))
+    skipped = read_skipped(annotations_dir)
+    few = read_few_shot(annotations_dir, len(class_names))
+    samples, annotations, n_skipped = drop_skipped(samples, annotations, skipped)
     source = str(annotations_dir / ANNOTATIONS_FILE)
     sample_ids = samples["sample_id"].tolist()
-    agg = aggregate_annotations(annotations, sample_ids, len(class_names), config.aggregate, source)
+    human = few.set_index("sample_id")["label"].reindex(sample_ids).fillna(-1).to_numpy(dtype=np.int64)
+    agg = aggregate_annotations(annotations, sample_ids, len(class_names), config.aggregate, source,
+                                few_shot_labels=human)
     summary = quality_summary(agg, annotations, samples, config.aggregate)
+    summary["skipped_samples"] = n_skipped
+    summary["skipped_examples"] = skipped[["sample_id", "reason"]].head(10).to_dict("records")
+    summary["few_shot_samples"] = int((human >= 0).sum())
+    report = None
+    if config.aggregate.report:
+        from coreg.report import build_quality_report
+
+        report = build_quality_report(config, class_names, samples, annotations, agg, summary)
     with staged_directory(out_dir) as staging:
         save_config(config, staging)
         write_lineage(staging, "aggregate", {"annotations": annotations_dir})
@@ -291,4 +351,7 @@ def run_aggregate(config: RunConfig, annotations_dir: Path, out_dir: Path) -> Pa
         write_candidates(staging, candidates_frame(sample_ids, agg))
         write_json(staging / QUALITY_JSON, summary)
         write_text(staging / QUALITY_MD, quality_markdown(summary))
+        if report is not None:
+            write_text(staging / QUALITY_REPORT_MD, report.markdown)
+            write_text(staging / QUALITY_REPORT_HTML, report.html)
     return out_dir

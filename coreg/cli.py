@@ -1,4 +1,4 @@
-"""Command line: ``coreg annotate|aggregate|train|evaluate|run``.
+"""Command line: ``coreg annotate|aggregate|train|evaluate|run|pipeline|promote|predict``.
 
 Each stage reads the previous stage's folder and writes its own, so stages can be rerun
 alone. Folders default to ``<output_dir>/<stage>`` from the config, so the same
@@ -20,6 +20,8 @@ from coreg.errors import CoregError
 log = logging.getLogger("coreg")
 
 STAGES = ("annotate", "aggregate", "train", "evaluate")
+PREVIEW_LIMIT = 32
+PREVIEW_ROWS = 12
 
 
 def stage_dir(config: RunConfig, stage: str) -> Path:
@@ -60,7 +62,18 @@ def _build_parser() -> argparse.ArgumentParser:
         return p
 
     p = add("annotate", "Label the images with the configured annotators.")
-    p.add_argument("--out", type=Path, help="output folder (default: <output_dir>/annotate)")
+    p.add_argument("--out", type=Path,
+                   help="output folder (default: <output_dir>/annotate; <output_dir>/annotate-preview with "
+                        "--limit or --preview)")
+    p.add_argument("--limit", type=int, metavar="N",
+                   help="annotate only the first N samples (a quick preview; the split stays that of the full data)")
+    p.add_argument("--preview", action="store_true",
+                   help=f"print a table of the first images with their candidate sets (implies --limit "
+                        f"{PREVIEW_LIMIT} unless --limit is given)")
+    p.add_argument("--import", dest="imports", action="append", default=[], type=Path, metavar="FILE",
+                   help="add the answers of another VLM from a JSONL or CSV file (repeatable; see docs/annotate.md)")
+    p.add_argument("--few-shot", dest="few_shot", type=Path, metavar="FILE",
+                   help="CSV or JSONL file of human labels for a few samples (sets annotate.few_shot_labels)")
     p = add("aggregate", "Turn annotations into candidate label sets and a quality summary.")
     p.add_argument("--annotations", type=Path, help="annotate stage folder (default: <output_dir>/annotate)")
     p.add_argument("--out", type=Path, help="output folder (default: <output_dir>/aggregate)")
@@ -76,10 +89,18 @@ def _build_parser() -> argparse.ArgumentParser:
     p = add("run", "Run annotate, aggregate, train and evaluate in sequence.")
     p.add_argument("--out", type=Path, help="output folder for all stages (overrides output_dir)")
     p.add_argument("--resume", action="store_true", help="resume training from its last checkpoint")
+    from coreg import pipeline_cli
+
+    pipeline_cli.register(sub)
     return parser
 
 
 def _dispatch(args: argparse.Namespace) -> Path:
+    from coreg import pipeline_cli
+
+    out = pipeline_cli.dispatch(args)
+    if out is not None:
+        return out
     config = load_config(args.config, args.overrides)
     progress = not args.quiet
     if args.command == "run":
@@ -88,9 +109,7 @@ def _dispatch(args: argparse.Namespace) -> Path:
         dirs = run_all(config, resume=args.resume, progress=progress)
         return dirs["evaluate"]
     if args.command == "annotate":
-        from coreg.annotate import run_annotate
-
-        return run_annotate(config, args.out or stage_dir(config, "annotate"))
+        return _annotate(config, args, progress)
     if args.command == "aggregate":
         from coreg.aggregate import run_aggregate
 
@@ -105,6 +124,29 @@ def _dispatch(args: argparse.Namespace) -> Path:
 
     return run_evaluate(config, args.model or stage_dir(config, "train"),
                         args.out or stage_dir(config, "evaluate"), annotations_dir=args.annotations)
+
+
+def _annotate(config: RunConfig, args: argparse.Namespace, progress: bool) -> Path:
+    """``coreg annotate`` with its preview, limit, import and few-shot flags applied to the config."""
+    from coreg.annotate import run_annotate
+    from coreg.annotate.stage import preview_table
+    from coreg.config import ImportConfig
+
+    if args.limit is not None and args.limit < 1:
+        raise CoregError(f"--limit must be a positive number of samples, got {args.limit}")
+    limit = args.limit if args.limit is not None else (PREVIEW_LIMIT if args.preview else None)
+    if limit is not None:
+        config.annotate.limit = limit
+    if args.imports:
+        config.annotate.imports = [*config.annotate.imports, *(ImportConfig(path=str(f)) for f in args.imports)]
+    if args.few_shot is not None:
+        config.annotate.few_shot_labels = str(args.few_shot)
+    # A preview must never replace a full run's annotations: it gets its own folder by default.
+    default = stage_dir(config, "annotate-preview" if limit is not None else "annotate")
+    out = run_annotate(config, args.out or default, progress=progress)
+    if args.preview:
+        print(preview_table(out, PREVIEW_ROWS))
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:

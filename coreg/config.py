@@ -18,6 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from coreg.atomic import write_text
 from coreg.errors import CoregError
+from coreg.storage import StorageConfig
+from coreg.tracking import TrackingConfig
 
 PositiveInt = Annotated[int, Field(gt=0)]
 Fraction = Annotated[float, Field(gt=0.0, lt=1.0)]
@@ -74,13 +76,91 @@ class DataConfig(_Section):
         return 1 if self.source in ("digits", "animal_mnist") else 3
 
 
+class OpenClipModelConfig(_Section):
+    """One open_clip model; each of its prompt templates is one annotator.
+
+    Weights come from ``pretrained``: an open_clip tag (downloaded by open_clip from its hub in
+    the user's environment) or a local checkpoint file, so air-gapped clusters can use a
+    file copied in by hand.
+    """
+
+    name: str = Field(
+        ...,
+        description="open_clip architecture, e.g. 'ViT-B-32' (see open_clip.list_models()); a config added "
+        "with open_clip.add_model_config works too.",
+    )
+    pretrained: str | None = Field(
+        None,
+        description="An open_clip pretrained tag ('openai', 'laion2b_s34b_b79k'; needs the hub or its cache) or "
+        "the path of a local checkpoint (.safetensors, .bin, .pt). None: random weights, for tests only.",
+    )
+    templates: Literal["imagenet27", "imagenet80", "simple7"] | list[str] = Field(
+        "imagenet27",
+        description="Prompt templates, one annotator each. imagenet27: the 27 small ImageNet templates (the "
+        "method's default); imagenet80: CLIP's 80 ImageNet templates (open_clip's OPENAI_IMAGENET_TEMPLATES); "
+        "simple7: open_clip's SIMPLE_IMAGENET_TEMPLATES; or your own list of strings with one '{}' each.",
+    )
+    synonyms: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="Class name -> names put into every template instead of it; the class's text embedding is "
+        "the mean of the synonyms' embeddings (e.g. {'one': ['one', 'the digit 1']}).",
+    )
+    class_prompts: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="Class name -> full prompts that replace the templates for that class. One prompt per "
+        "template: prompt t is annotator t's text; any other number: their mean embedding serves every "
+        "annotator.",
+    )
+    annotator_prefix: str | None = Field(
+        None,
+        description="Prefix of this model's annotator names ('<prefix>/t00', ...); default: the model name "
+        "plus the pretrained tag or checkpoint file name.",
+    )
+    logit_scale: Annotated[float, Field(gt=0)] | None = Field(
+        100.0,
+        description="p_t(x) = softmax(logit_scale * cos(image, text_t)). 100 is the method's value (and CLIP's "
+        "trained scale); null uses the model's own exp(logit_scale).",
+    )
+
+
+class ImportConfig(_Section):
+    """Answers of another VLM or a labelling service, read from a JSONL or CSV file.
+
+    One row per answer: a sample (id or image path), an annotator name, the answer (free text or
+    a class name/index) and an optional score. Free text is mapped to class names (case,
+    punctuation, plurals, articles, synonyms); unmatched answers are counted per annotator.
+    """
+
+    path: str = Field(..., description="JSONL (.jsonl, .ndjson) or CSV (.csv, .tsv) file of answers.")
+    annotator: str | None = Field(
+        None, description="Annotator name for every row when the file has no annotator column."
+    )
+    id_column: str = Field("sample_id", description="Column with the sample id (as in samples.parquet).")
+    path_column: str = Field(
+        "path", description="Column with the image path, used when a row has no sample id (relative paths are "
+        "relative to the answers file, then to the image folder)."
+    )
+    annotator_column: str = Field("annotator", description="Column with the annotator name.")
+    answer_column: str = Field("answer", description="Column with the free-text answer.")
+    label_column: str = Field(
+        "label", description="Column with a class name or class index; used instead of the answer when set."
+    )
+    score_column: str = Field("score", description="Optional column with the answer's probability in [0, 1].")
+    synonyms: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="Class name -> other answers that mean it (e.g. {'seven': ['7', 'number seven']}).",
+    )
+
+
 class AnnotateConfig(_Section):
     """How the noisy annotators label the images."""
 
-    method: Literal["simulate_vlm", "synthetic"] = Field(
+    method: Literal["simulate_vlm", "synthetic", "open_clip", "import"] = Field(
         "simulate_vlm",
         description="simulate_vlm: a weak teacher plus M biased 'prompt' annotators (instance-dependent "
-        "noise, like the templates of one VLM); synthetic: the NPLL protocol with rates q and eta.",
+        "noise, like the templates of one VLM); synthetic: the NPLL protocol with rates q and eta; "
+        "open_clip: real VLM zero-shot answers of annotate.models; import: only the answers of "
+        "annotate.imports. Imports are added to every method's answers.",
     )
     num_annotators: PositiveInt = Field(
         27, description="Number of simulated prompt annotators (the reference uses 27 templates)."
@@ -118,12 +198,53 @@ class AnnotateConfig(_Section):
         0.2, description="Synthetic protocol: prob of swapping the true label for a non-candidate one."
     )
     seed: int = Field(0, description="Seed of the annotator simulation.")
+    models: list[OpenClipModelConfig] = Field(
+        default_factory=lambda: [OpenClipModelConfig(name="ViT-B-32", pretrained="openai")],
+        description="open_clip method: the models; every template of every model is one annotator.",
+    )
+    batch_size: PositiveInt = Field(64, description="open_clip method: images per forward pass.")
+    num_workers: Annotated[int, Field(ge=0)] | None = Field(
+        None,
+        description="open_clip method: DataLoader processes that decode images; null: min(8, CPUs - 1), "
+        "0 decodes in the main process.",
+    )
+    device: str = Field("auto", description="open_clip method: 'auto' (cuda if available), 'cpu', 'cuda', 'cuda:N'.")
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(
+        "auto",
+        description="open_clip method: autocast dtype of the image encoder; auto: fp16 on CUDA, fp32 on CPU. "
+        "Probabilities are always computed and stored in float32.",
+    )
+    shard_size: PositiveInt = Field(
+        4096,
+        description="open_clip method: samples per shard of the work folder; finished shards survive an "
+        "interruption and are skipped when the stage is run again (resume).",
+    )
+    work_dir: str | None = Field(
+        None,
+        description="Persistent work folder for shards (resume); default: '.<out folder name>.work' beside the "
+        "output folder. Removed after the output folder is published.",
+    )
+    limit: PositiveInt | None = Field(
+        None,
+        description="Annotate only the first N samples (by sample id) for a preview; unlike data.limit the "
+        "train/test split is that of the whole data set. The CLI's --limit sets it.",
+    )
+    imports: list[ImportConfig] = Field(
+        default_factory=list, description="Files of answers from other VLMs, added as further annotators."
+    )
+    few_shot_labels: str | None = Field(
+        None,
+        description="Optional CSV or JSONL file of human labels (sample_id or path, label = class name) for a "
+        "few samples; aggregate gives them single-label sets marked few_shot.",
+    )
 
     @model_validator(mode="after")
     def _temperature_order(self) -> AnnotateConfig:
         lo, hi = self.temperature_range
         if not 0 < lo <= hi:
             raise ValueError("annotate.temperature_range must be (low, high) with 0 < low <= high")
+        if self.method == "open_clip" and not self.models:
+            raise ValueError("annotate.method 'open_clip' needs at least one entry in annotate.models")
         return self
 
 
@@ -139,6 +260,14 @@ class AggregateConfig(_Section):
     k: PositiveInt = Field(5, description="k of the topk and ratio rules.")
     ratio: Fraction = Field(0.5, description="Threshold of the ratio rule, relative to the max probability.")
     min_votes: PositiveInt = Field(2, description="Threshold of the min_votes rule.")
+    report: bool = Field(
+        True,
+        description="Write quality_report.md and a self-contained quality_report.html (plots, example images "
+        "per class) beside quality.json.",
+    )
+    report_examples_per_class: Annotated[int, Field(ge=0)] = Field(
+        4, description="Example images per class in the report's image grid (0: no grid)."
+    )
 
 
 class TrainConfig(_Section):
@@ -191,6 +320,12 @@ class TrainConfig(_Section):
         "selection: the checkpoint whose predictions fall most often in the held-out candidate sets wins. "
         "Test labels are never looked at. 0 disables selection (the last epoch is kept).",
     )
+    selection_start_epoch: PositiveInt | None = Field(
+        None,
+        description="First epoch (1-based) that model selection may pick. Default: the first epoch at which every "
+        "loss of the method is at full weight (warmup_epochs + max(rampup_epochs, reg_start_offset) + 1, capped at "
+        "epochs). Earlier epochs score high on the hit rate because they fit the candidate sets, noise included.",
+    )
     num_workers: Annotated[int, Field(ge=0)] = Field(0, description="DataLoader worker processes.")
     device: str = Field("auto", description="'auto' (cuda if available), 'cpu', 'cuda' or 'cuda:N'.")
     seed: int = Field(0, description="Seed of weights, views, mixing and sampling.")
@@ -199,7 +334,16 @@ class TrainConfig(_Section):
     def _warmup_fits(self) -> TrainConfig:
         if self.warmup_epochs > self.epochs:
             raise ValueError("train.warmup_epochs must not exceed train.epochs")
+        if self.selection_start_epoch is not None and self.selection_start_epoch > self.epochs:
+            raise ValueError("train.selection_start_epoch must not exceed train.epochs")
         return self
+
+    def first_selectable_epoch(self) -> int:
+        """1-based first epoch model selection may choose (see ``selection_start_epoch``)."""
+        if self.selection_start_epoch is not None:
+            return self.selection_start_epoch
+        full_strength = self.warmup_epochs + max(self.rampup_epochs, self.reg_start_offset) + 1
+        return min(full_strength, self.epochs)
 
 
 class EvaluateConfig(_Section):
@@ -218,6 +362,8 @@ class RunConfig(_Section):
     aggregate: AggregateConfig = Field(default_factory=AggregateConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
 
 
 BUNDLED_CONFIG_DIR = Path(__file__).parent / "configs"

@@ -14,7 +14,12 @@ annotations.parquet sample_id: string, annotator: string, label: int32,
                     probability: float32 (the annotator's probability of ``label``, null
                     when it gave none), probs: list<float32> of length K or null
 candidates.parquet  sample_id: string (unique), candidates: list<int32> (non-empty,
-                    sorted, unique), mean_probs: list<float32> of length K or null
+                    sorted, unique), mean_probs: list<float32> of length K or null,
+                    few_shot: bool (a human label; a missing column reads as False)
+skipped.parquet     sample_id: string (unique), reason: string -- images the annotate
+                    stage could not read (optional file; absent means none)
+few_shot.parquet    sample_id: string (unique), label: int64 -- human labels for a few
+                    samples, copied in by annotate (optional file)
 ==================  ==================================================================
 
 Annotations are long-format: one row per (sample_id, annotator) pair, which is unique. An
@@ -43,6 +48,8 @@ CLASSES_FILE = "classes.json"
 SAMPLES_FILE = "samples.parquet"
 ANNOTATIONS_FILE = "annotations.parquet"
 CANDIDATES_FILE = "candidates.parquet"
+SKIPPED_FILE = "skipped.parquet"
+FEW_SHOT_FILE = "few_shot.parquet"
 
 SAMPLES_SCHEMA = pa.schema(
     [("sample_id", pa.string()), ("split", pa.string()), ("label", pa.int64())]
@@ -61,8 +68,11 @@ CANDIDATES_SCHEMA = pa.schema(
         ("sample_id", pa.string()),
         ("candidates", pa.list_(pa.int32())),
         ("mean_probs", pa.list_(pa.float32())),
+        ("few_shot", pa.bool_()),
     ]
 )
+SKIPPED_SCHEMA = pa.schema([("sample_id", pa.string()), ("reason", pa.string())])
+FEW_SHOT_SCHEMA = pa.schema([("sample_id", pa.string()), ("label", pa.int64())])
 SPLITS = ("train", "test")
 
 
@@ -201,6 +211,9 @@ def _check_prob_vectors(probs: pd.Series, num_classes: int, path: Path) -> None:
 
 # ----------------------------------------------------------------------------- candidates
 def write_candidates(directory: Path, df: pd.DataFrame) -> None:
+    """Write candidates; a frame without ``few_shot`` (older producers) is written with False."""
+    if "few_shot" not in df.columns:
+        df = df.assign(few_shot=False)
     _write_table(df, CANDIDATES_SCHEMA, Path(directory) / CANDIDATES_FILE)
 
 
@@ -214,6 +227,45 @@ def read_candidates(directory: Path, num_classes: int) -> pd.DataFrame:
         arr = np.asarray(cands)
         if (arr < 0).any() or (arr >= num_classes).any():
             raise CoregError(f"{path}: row {row}: candidate labels must be in [0, {num_classes})")
+    # Files written before the column existed have no human labels.
+    df["few_shot"] = df["few_shot"].fillna(False).astype(bool)
+    return df
+
+
+# ----------------------------------------------------------------------------- skipped / few-shot
+def write_skipped(directory: Path, df: pd.DataFrame) -> None:
+    """Images the annotate stage could not read, with the reason (one row per sample)."""
+    _write_table(df, SKIPPED_SCHEMA, Path(directory) / SKIPPED_FILE)
+
+
+def read_skipped(directory: Path) -> pd.DataFrame:
+    """The skipped samples of an annotate folder; an empty frame when the file is absent."""
+    path = Path(directory) / SKIPPED_FILE
+    if not path.is_file():
+        return pd.DataFrame({"sample_id": pd.Series([], dtype=object), "reason": pd.Series([], dtype=object)})
+    df = _read_table(path, SKIPPED_SCHEMA, ["sample_id"])
+    _check_unique_ids(df, path)
+    df["reason"] = df["reason"].fillna("")
+    return df
+
+
+def write_few_shot(directory: Path, df: pd.DataFrame) -> None:
+    _write_table(df, FEW_SHOT_SCHEMA, Path(directory) / FEW_SHOT_FILE)
+
+
+def read_few_shot(directory: Path, num_classes: int) -> pd.DataFrame:
+    """Human labels of an annotate folder; an empty frame when the file is absent."""
+    path = Path(directory) / FEW_SHOT_FILE
+    if not path.is_file():
+        return pd.DataFrame({"sample_id": pd.Series([], dtype=object), "label": pd.Series([], dtype=np.int64)})
+    df = _read_table(path, FEW_SHOT_SCHEMA, ["sample_id", "label"])
+    _check_unique_ids(df, path)
+    labels = df["label"].to_numpy(dtype=np.float64, na_value=np.nan)
+    bad = np.isnan(labels) | (labels < 0) | (labels >= num_classes)
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise CoregError(f"{path}: row {row}: label {df['label'].iloc[row]} is not a class index in [0, {num_classes})")
+    df["label"] = df["label"].astype(np.int64)
     return df
 
 

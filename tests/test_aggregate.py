@@ -143,8 +143,11 @@ def test_run_aggregate_writes_folder(tmp_path: Path) -> None:
         "candidates.parquet",
         "classes.json",
         "config.yaml",
+        "lineage.json",
         "quality.json",
         "quality.md",
+        "quality_report.html",
+        "quality_report.md",
         "samples.parquet",
     ]
     cands = read_candidates(out, K)

@@ -90,6 +90,7 @@ def test_stage_files_and_summary_match(annotated: tuple[RunConfig, Path]) -> Non
         "annotations.parquet",
         "classes.json",
         "config.yaml",
+        "lineage.json",
         "samples.parquet",
     ]
     names = read_classes(out)
