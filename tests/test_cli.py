@@ -112,3 +112,25 @@ def test_annotations_of_another_data_set_are_refused(tmp_path: Path,
     assert code == 2
     assert "different data set" in err
     assert not (tmp_path / "train" / "model.pt").exists()
+
+
+@pytest.mark.slow
+def test_few_shot_labels_reach_the_trainer(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Human labels given to annotate become single-label, trusted rows of the training split."""
+    assert main(["annotate", *_args(tmp_path)]) == 0
+    samples = pd.read_parquet(tmp_path / "annotate" / "samples.parquet")
+    train = samples[samples["split"] == "train"].head(6)
+    names = json.loads((tmp_path / "annotate" / "classes.json").read_text())["class_names"]
+    labels = tmp_path / "human.csv"
+    pd.DataFrame({"sample_id": train["sample_id"], "label": [names[i] for i in train["label"]]}).to_csv(
+        labels, index=False)
+    assert main(["annotate", *_args(tmp_path), "--few-shot", str(labels)]) == 0
+    assert main(["aggregate", *_args(tmp_path)]) == 0
+    cands = pd.read_parquet(tmp_path / "aggregate" / "candidates.parquet").set_index("sample_id")
+    few = cands.loc[train["sample_id"]]
+    assert few["few_shot"].all()
+    assert [list(c) for c in few["candidates"]] == [[int(y)] for y in train["label"]]
+    assert main(["train", *_args(tmp_path)]) == 0, capsys.readouterr().err
+    summary = json.loads((tmp_path / "train" / "train_summary.json").read_text())
+    roles = pd.read_parquet(tmp_path / "train" / "train_roles.parquet").set_index("sample_id")
+    assert summary["few_shot_samples"] == int((roles.loc[train["sample_id"], "role"] == "fit").sum()) > 0

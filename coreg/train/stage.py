@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from coreg import contracts
-from coreg.atomic import atomic_path
+from coreg.atomic import atomic_path, write_json
 from coreg.config import RunConfig, save_config
 from coreg.data import load_dataset
 from coreg.errors import CoregError
@@ -26,6 +26,7 @@ from coreg.train.trainer import fit
 log = logging.getLogger(__name__)
 
 ROLES_FILE = "train_roles.parquet"
+SUMMARY_FILE = "train_summary.json"
 
 
 def validation_roles(n: int, fraction: float, seed: int) -> np.ndarray:
@@ -70,6 +71,8 @@ def run_train(config: RunConfig, candidates_dir: Path, out_dir: Path, *, resume:
     channels = config.data.resolved_channels()
     images = dataset.load_images(indices, config.data.image_size, channels)
     fit_mask, val_mask = roles == "fit", roles == "val"
+    few_shot = candidates.set_index("sample_id")["few_shot"].reindex(train_ids.to_numpy()).fillna(False)
+    trusted = few_shot.to_numpy(dtype=bool)[fit_mask]
 
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, out_dir)
@@ -80,13 +83,19 @@ def run_train(config: RunConfig, candidates_dir: Path, out_dir: Path, *, resume:
         pd.DataFrame({"sample_id": train_ids, "role": roles.astype(str)}).to_parquet(tmp, index=False)
 
     flip = cfg.horizontal_flip if cfg.horizontal_flip is not None else config.data.source != "digits"
-    log.info("training on %d samples (%d held out for model selection), %d classes",
-             int(fit_mask.sum()), int(val_mask.sum()), len(class_names))
-    fit(
+    log.info("training on %d samples (%d held out for model selection, %d few-shot labels), %d classes",
+             int(fit_mask.sum()), int(val_mask.sum()), int(trusted.sum()), len(class_names))
+    result = fit(
         images[fit_mask], y[fit_mask], cfg, out_dir,
         horizontal_flip=flip, resume=resume,
         val_images=images[val_mask] if val_mask.any() else None,
         val_candidates=y[val_mask] if val_mask.any() else None,
-        progress=progress, stop_after_epoch=stop_after_epoch,
+        progress=progress, stop_after_epoch=stop_after_epoch, trusted=trusted if trusted.any() else None,
     )
+    write_json(out_dir / SUMMARY_FILE, {
+        "fit_samples": int(fit_mask.sum()), "validation_samples": int(val_mask.sum()),
+        "few_shot_samples": int(trusted.sum()), "epochs_done": len(result.history),
+        "selected_epoch": result.best_epoch, "selection_metric": "val_candidate_hit_rate",
+        "selected_val_hit_rate": result.best_val_hit_rate,
+    })
     return out_dir

@@ -17,7 +17,9 @@
   labelled split (the GMM calls nothing clean) trains that net on co-guessed targets of
   all rows for one pass, without L_x (there is no trusted row to anchor it).
 * Model selection: with validation data, the epoch with the highest candidate hit rate
-  wins; ties go to the later epoch (more training at a lower learning rate). Without
+  wins among the epochs from ``cfg.first_selectable_epoch()`` on (once every loss is at
+  full weight: warm-up epochs fit the candidate sets, noise included, and so score high
+  on the hit rate while generalising worse); ties go to the later epoch. Without
   validation data the last epoch is kept.
 """
 
@@ -74,6 +76,7 @@ class _Data:
     augmenter: Augmenter
     val_images: torch.Tensor | None
     val_candidates: torch.Tensor | None
+    trusted: np.ndarray | None = None  # bool (N,): few-shot human labels, always clean with weight 1
 
 
 @dataclass
@@ -126,14 +129,17 @@ def fit(
     val_candidates: np.ndarray | None = None,
     progress: bool = True,
     stop_after_epoch: int | None = None,
+    trusted: np.ndarray | None = None,
 ) -> FitResult:
     """Train Co-Reg on uint8 images (N, C, H, W) with 0/1 candidate sets (N, K).
 
     Writes ``out_dir/model.pt``, ``out_dir/history.json`` and, after every epoch,
     ``out_dir/checkpoints/last.pt``. ``resume=True`` continues from that checkpoint (or starts
     afresh when there is none). ``stop_after_epoch=k`` ends after k completed epochs without
-    changing the schedule, which is how an interruption is simulated. Rows of ``candidates``
-    with no candidate are treated as "any class" rather than crashing the partial loss.
+    changing the schedule, which is how an interruption is simulated. ``trusted`` (bool, N)
+    marks few-shot human labels: both nets take their (single-label) sets as clean with
+    weight 1, whatever the GMM says. Rows of ``candidates`` with no candidate are treated as
+    "any class" rather than crashing the partial loss.
     """
     out_dir = Path(out_dir)
     images_t, cand_t = _check_inputs(images, candidates, "training")
@@ -145,12 +151,15 @@ def fit(
         arch = _arch(cfg, images_t, cand_t.shape[1])
         state = _new_state(cfg, arch, mean, std, device, images_t.shape[0])
         ckpt = out_dir / "checkpoints" / "last.pt"
+        if not (resume and ckpt.exists()):
+            (out_dir / "model.pt").unlink(missing_ok=True)  # a fresh run never keeps an older run's model
         if resume and ckpt.exists():
             _load_checkpoint(state, ckpt, cfg, images_t.shape[0], cand_t.shape[1], device)
             log.info("resuming from %s at epoch %d", ckpt, state.next_epoch + 1)
         augmenter = Augmenter(mean, std, arch["image_size"], horizontal_flip, cfg.randaugment_magnitude)
         data = _Data(images_t, cand_t.to(device), augmenter,
-                     val_t[0] if val_t else None, val_t[1].to(device) if val_t else None)
+                     val_t[0] if val_t else None, val_t[1].to(device) if val_t else None,
+                     _check_trusted(trusted, images_t.shape[0]))
         run = _Run(cfg, device, data, out_dir, progress)
         last = cfg.epochs if stop_after_epoch is None else max(0, min(cfg.epochs, stop_after_epoch))
         for epoch in range(state.next_epoch, last):
@@ -310,7 +319,8 @@ def _run_epoch(run: _Run, state: _State, epoch: int) -> None:
               **record, "val_hit_rate": hit, "seconds": round(time.perf_counter() - start, 3)}
     state.history.append(record)
     state.next_epoch = epoch + 1
-    if hit is not None and (state.best_metric is None or hit >= state.best_metric):
+    selectable = epoch + 1 >= cfg.first_selectable_epoch()
+    if hit is not None and selectable and (state.best_metric is None or hit >= state.best_metric):
         state.best_metric, state.best_epoch = hit, epoch + 1
         _save_model(run.out_dir / "model.pt", state, epoch + 1, hit)
     _save_checkpoint(run, state)
@@ -383,6 +393,15 @@ def _predict_train(run: _Run, state: _State, epoch: int) -> list[torch.Tensor]:
     return [torch.cat(o) for o in outs]
 
 
+def _check_trusted(trusted: np.ndarray | None, n: int) -> np.ndarray | None:
+    if trusted is None:
+        return None
+    trusted = np.asarray(trusted, dtype=bool)
+    if trusted.shape != (n,):
+        raise CoregError(f"training: trusted mask must have shape ({n},), got {trusted.shape}")
+    return trusted if trusted.any() else None
+
+
 def _split(run: _Run, state: _State, epoch: int) -> tuple[list[torch.Tensor], list[np.ndarray], list[np.ndarray]]:
     """Steps 1-3 of the method for both nets: aligned predictions, clean weights and clean masks."""
     cfg = run.cfg
@@ -391,6 +410,9 @@ def _split(run: _Run, state: _State, epoch: int) -> tuple[list[torch.Tensor], li
         p = L.distribution_alignment(probs)
         averaged = state.loss_histories[i].update(L.max_candidate_loss(p, run.data.candidates))
         w, c = gmm_clean_weights(averaged.numpy(), cfg.clean_threshold, derive_seed(cfg.seed, _GMM, epoch, i) % 2**32)
+        if run.data.trusted is not None:
+            # Few-shot human labels are not noisy: whatever the GMM says, both nets train on them as clean.
+            w, c = np.where(run.data.trusted, 1.0, w).astype(w.dtype), c | run.data.trusted
         aligned.append(p)
         weights.append(w)
         clean.append(c)
