@@ -125,8 +125,10 @@ def read_classes(directory: Path) -> list[str]:
         raise CoregError(f"{path}: file not found")
     try:
         names = json.loads(path.read_text(encoding="utf-8"))["class_names"]
-    except (json.JSONDecodeError, KeyError, TypeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, IndexError):
         raise CoregError(f"{path}: expected a JSON object with a 'class_names' list") from None
+    if not isinstance(names, list):
+        raise CoregError(f"{path}: expected a JSON object with a 'class_names' list, got {type(names).__name__}")
     validate_class_names(names, str(path))
     return list(names)
 

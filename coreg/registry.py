@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 FINGERPRINT_TAG = "coreg.eval_fingerprint"
+RUN_ID_TAG = "mlflow_run_id"  # the pipeline run's MLflow run, on each model version it registered
 
 
 class PromotionDecision(BaseModel):
@@ -138,12 +139,27 @@ def register_version(cfg: TrackingConfig, model_uri: str, run_id: str | None, ta
     import mlflow
 
     client = client_for(cfg)
+    tags = {k: str(v) for k, v in tags.items()} | ({RUN_ID_TAG: run_id} if run_id else {})
     with _guard(f"register model {cfg.model_name!r}", cfg):
-        mv = mlflow.register_model(model_uri, cfg.model_name, tags={k: str(v) for k, v in tags.items()})
+        mv = _version_of_run(client, cfg.model_name, run_id)
+        if mv is None:
+            # The run id tag is part of the registration itself, so a task killed right after it
+            # and retried finds this version instead of registering a second one.
+            mv = mlflow.register_model(model_uri, cfg.model_name, tags=tags)
+        else:
+            log.info("model %r version %s already registered for run %s (retried task)", cfg.model_name,
+                     mv.version, run_id)
         client.set_registered_model_alias(cfg.model_name, CHALLENGER, mv.version)
-        if run_id:
-            client.set_model_version_tag(cfg.model_name, mv.version, "mlflow_run_id", run_id)
     return str(mv.version)
+
+
+def _version_of_run(client: Any, name: str, run_id: str | None) -> Any | None:
+    """The version an earlier attempt of this pipeline run registered (tagged with its MLflow run id)."""
+    if not run_id:
+        return None
+    found = [mv for mv in client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+             if (mv.tags or {}).get(RUN_ID_TAG) == run_id]
+    return min(found, key=lambda mv: int(mv.version)) if found else None
 
 
 def current_champion(cfg: TrackingConfig) -> Any | None:

@@ -103,9 +103,9 @@ def _guard(what: str, cfg: TrackingConfig) -> Iterator[None]:
         yield
     except MlflowException as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CoregError(f"MLflow at {resolve_uri(cfg)}: cannot {what} ({first[:200]})") from None
+        raise CoregError(f"MLflow at {redact(resolve_uri(cfg))}: cannot {what} ({redact(first)[:200]})") from None
     except OSError as err:  # requests' ConnectionError is an OSError
-        raise CoregError(f"MLflow at {resolve_uri(cfg)}: cannot {what} ({type(err).__name__}); is the "
+        raise CoregError(f"MLflow at {redact(resolve_uri(cfg))}: cannot {what} ({type(err).__name__}); is the "
                          "tracking server up?") from None
 
 
@@ -132,6 +132,23 @@ def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
     key = prefix.rstrip(".")
     out[key] = obj if isinstance(obj, str | int | float | bool) else json.dumps(obj)
     return out
+
+
+_URI_PASSWORD = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<user>[^:/@\s]*):(?P<pw>[^@/\s]+)@")
+
+
+def redact(text: str) -> str:
+    """Hide the password of ``scheme://user:password@host`` URIs (tracking URIs, endpoints) in ``text``."""
+    return _URI_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:***@", str(text))
+
+
+def flatten_params(config_dump: dict[str, Any]) -> dict[str, str]:
+    """A config dump as MLflow params: flat, string-valued, URI passwords redacted.
+
+    Secret fields are ``SecretStr`` and already dump as ``**********``; a password inside a URI
+    (``http://user:pass@mlflow``) is not a field of its own, so it is cut here.
+    """
+    return {k: redact(str(v)) for k, v in flatten(config_dump).items()}
 
 
 def numeric_leaves(obj: Any, prefix: str) -> dict[str, float]:
@@ -163,11 +180,11 @@ def start_or_resume_run(cfg: TrackingConfig, kfp_run_id: str, config_dump: dict[
             return found[0].info.run_id
         run = client.create_run(exp_id, run_name=run_name or None,
                                 tags={KFP_RUN_TAG: kfp_run_id, "coreg.version": __version__})
-        params = [Param(k, str(v)[:6000]) for k, v in flatten(config_dump or {}).items()]
+        params = [Param(k, v[:6000]) for k, v in flatten_params(config_dump or {}).items()]
         for i in range(0, len(params), 100):
             client.log_batch(run.info.run_id, params=params[i:i + 100])
         client.log_batch(run.info.run_id, tags=[RunTag("coreg.stages_done", "")])
-    log.info("MLflow run %s (kfp run %s) at %s", run.info.run_id, kfp_run_id, resolve_uri(cfg))
+    log.info("MLflow run %s (kfp run %s) at %s", run.info.run_id, kfp_run_id, redact(resolve_uri(cfg)))
     return run.info.run_id
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import gzip
 import importlib.util
+import os
 import pickle
 from pathlib import Path
 
@@ -31,6 +32,9 @@ ANIMAL_DATA = "animal_data_version_3.gz"
 ANIMAL_LABELS = "animal_label_version_3.gz"
 ANIMAL_INSTALL_HINT = "pip install --no-deps animal-mnist==0.4"
 MANIFEST_SUFFIXES = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
+# Manifest paths must stay under the data root: the manifest's folder, or this folder when set
+# (e.g. a shared volume that holds both the manifest and the images).
+DATA_ROOT_ENV = "COREG_DATA_ROOT"
 
 
 def load_dataset(cfg: DataConfig) -> ImageDataset:
@@ -257,9 +261,15 @@ def _load_manifest(cfg: DataConfig) -> ImageDataset:
         row = _first(dup)
         raise CoregError(f"{path}: row {row}: duplicate sample id {ids[row]!r}")
     names, labels = _manifest_labels(cfg, df, path)
+    root = data_root(path)
     resolved = [_resolve(p, path.parent) for p in raw_paths]
     for row, p in enumerate(resolved):
-        if not is_uri(p) and not Path(p).is_file():
+        if is_uri(p):
+            continue
+        if not Path(p).is_relative_to(root):
+            raise CoregError(f"{path}: row {row}: path {raw_paths[row]!r} is outside the data root {root} "
+                             f"(set {DATA_ROOT_ENV} to allow another folder)")
+        if not Path(p).is_file():
             raise CoregError(f"{path}: row {row}: image file {p} not found")
     order = np.argsort(ids.astype(str), kind="stable")
     return ImageDataset(
@@ -294,8 +304,16 @@ def _manifest_labels(cfg: DataConfig, df: pd.DataFrame, path: Path) -> tuple[lis
     return names, labels
 
 
+def data_root(manifest: Path) -> Path:
+    """The folder every manifest path must resolve into (symlinks followed): ``$COREG_DATA_ROOT`` or the
+    manifest's own folder."""
+    configured = os.environ.get(DATA_ROOT_ENV, "").strip()
+    return Path(configured or manifest.parent).expanduser().resolve()
+
+
 def _resolve(raw: str, base: Path) -> str:
+    """An absolute path with ``..`` and symlinks resolved (so the root check sees where it really points)."""
     if is_uri(raw):
         return raw
     p = Path(raw).expanduser()
-    return str(p if p.is_absolute() else (base / p).resolve())
+    return str((p if p.is_absolute() else base / p).resolve())

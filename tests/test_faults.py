@@ -1,0 +1,164 @@
+"""Faults: SIGKILL mid-epoch then --resume, crashes during atomic writes, retried pipeline tasks."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from coreg.atomic import atomic_path, staged_directory, write_json
+from coreg.cli import main
+
+EPOCHS = 5
+TRAIN = [
+    "data.limit=300", "annotate.num_annotators=3", f"train.epochs={EPOCHS}", "train.warmup_epochs=2",
+    "train.rampup_epochs=1", "train.reg_start_offset=0", "train.batch_size=32", "train.warmup_batch_size=32",
+    "train.queue_size=128", "train.device=cpu", "train.num_workers=0",
+]
+
+
+def _sets(out: Path) -> list[str]:
+    args = ["--quiet", "--set", f"output_dir={out}"]
+    for item in TRAIN:
+        args += ["--set", item]
+    return args
+
+
+def _env() -> dict[str, str]:
+    # One thread each: the two training processes must not depend on scheduling, and the machine is shared.
+    return dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+def _train(out: Path, *extra: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "coreg.cli", "train", *_sets(out), *extra]
+    return subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _next_epoch(ckpt: Path) -> int:
+    try:
+        return int(torch.load(ckpt, map_location="cpu", weights_only=True)["next_epoch"])
+    except Exception:
+        return -1
+
+
+def _tensors(path: Path) -> dict[str, torch.Tensor]:
+    def walk(obj: object, prefix: str) -> list[tuple[str, object]]:
+        if isinstance(obj, dict):
+            return [kv for k, v in obj.items() for kv in walk(v, f"{prefix}{k}.")]
+        if isinstance(obj, list | tuple):
+            return [kv for i, v in enumerate(obj) for kv in walk(v, f"{prefix}{i}.")]
+        return [(prefix, obj)]
+
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    return {k: v for k, v in walk(payload, "") if isinstance(v, torch.Tensor)}
+
+
+def _assert_same(a: Path, b: Path) -> None:
+    ta, tb = _tensors(a), _tensors(b)
+    assert ta.keys() == tb.keys() and ta
+    different = [k for k in ta if not torch.equal(ta[k], tb[k])]
+    assert different == []
+
+
+@pytest.fixture(scope="module")
+def aggregated(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("faults")
+    assert main(["annotate", *_sets(out)]) == 0
+    assert main(["aggregate", *_sets(out)]) == 0
+    return out
+
+
+def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(aggregated: Path, tmp_path: Path) -> None:
+    reference = _train(aggregated, "--out", str(tmp_path / "reference"))
+    killed_dir = tmp_path / "killed"
+    proc = _train(aggregated, "--out", str(killed_dir))
+    ckpt = killed_dir / "checkpoints" / "last.pt"
+    deadline = time.monotonic() + 240
+    seen: dict[int, float] = {}
+    while time.monotonic() < deadline and proc.poll() is None:
+        epoch = _next_epoch(ckpt) if ckpt.exists() else -1
+        if epoch >= 0 and epoch not in seen:
+            seen[epoch] = time.monotonic()
+        if 2 in seen:  # epoch 2 checkpointed: kill halfway through epoch 3 (the first Co-Reg epoch)
+            per_epoch = seen[2] - seen[1] if 1 in seen else 0.5
+            time.sleep(max(0.05, per_epoch / 2))
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL, proc.stdout.read() if proc.stdout else ""
+    at_kill = _next_epoch(ckpt)
+    assert 2 <= at_kill < EPOCHS, "the process must die before the run ends"
+
+    resumed = _train(aggregated, "--out", str(killed_dir), "--resume")
+    out, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, out
+    ref_out, _ = reference.communicate(timeout=300)
+    assert reference.returncode == 0, ref_out
+
+    _assert_same(tmp_path / "reference" / "model.pt", killed_dir / "model.pt")
+    _assert_same(tmp_path / "reference" / "checkpoints" / "last.pt", ckpt)
+    assert (tmp_path / "reference" / "history.json").read_text().count('"epoch"') == \
+        (killed_dir / "history.json").read_text().count('"epoch"')
+    leftovers = [p.name for p in killed_dir.rglob(".*.tmp")]
+    assert len(leftovers) <= 1  # at most the temp file of a write the kill interrupted; never a torn last.pt
+
+
+# ----------------------------------------------------------------------------- atomic writes
+
+
+def test_crash_during_an_atomic_write_keeps_the_old_file(tmp_path: Path) -> None:
+    target = tmp_path / "metrics.json"
+    write_json(target, {"ok": 1})
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text('{"half": ')
+        raise RuntimeError("killed")
+    assert target.read_text() == '{\n  "ok": 1\n}\n'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
+
+
+def test_crash_while_building_a_stage_folder_keeps_the_old_folder(tmp_path: Path) -> None:
+    target = tmp_path / "annotate"
+    with staged_directory(target) as d:
+        (d / "a.txt").write_text("old")
+    with pytest.raises(KeyboardInterrupt), staged_directory(target) as d:
+        (d / "a.txt").write_text("new, half")
+        raise KeyboardInterrupt
+    assert (target / "a.txt").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["annotate"]
+
+
+# ----------------------------------------------------------------------------- retried pipeline tasks
+
+
+def test_retried_tracking_task_reuses_its_mlflow_run_and_model_version(tmp_path: Path) -> None:
+    """The same KFP run id twice (a retried task): one MLflow run, one registered version."""
+    import mlflow
+    import torch.nn as nn
+
+    from coreg import registry, tracking
+
+    cfg = tracking.TrackingConfig(uri=f"sqlite:///{tmp_path}/mlflow.db", model_name="faults")
+    first = tracking.start_or_resume_run(cfg, "kfp-retry", {"train": {"epochs": 1}})
+    again = tracking.start_or_resume_run(cfg, "kfp-retry", {"train": {"epochs": 1}})
+    assert first == again
+    client = tracking.client_for(cfg)
+    exp = client.get_experiment_by_name(cfg.experiment)
+    assert len(client.search_runs([exp.experiment_id], "tags.kfp_run_id = 'kfp-retry'")) == 1
+
+    with mlflow.start_run(run_id=first):
+        uri1 = mlflow.pytorch.log_model(nn.Linear(2, 2), name="model", serialization_format="pickle").model_uri
+    v1 = registry.register_version(cfg, uri1, first, {"metric.accuracy": 0.5})
+    # the retry logs the model again (a new logged model) and registers again
+    with mlflow.start_run(run_id=first):
+        uri2 = mlflow.pytorch.log_model(nn.Linear(2, 2), name="model", serialization_format="pickle").model_uri
+    v2 = registry.register_version(cfg, uri2, first, {"metric.accuracy": 0.5})
+    assert v1 == v2
+    assert len(client.search_model_versions(f"name = '{cfg.model_name}'")) == 1
+    assert str(client.get_model_version_by_alias(cfg.model_name, registry.CHALLENGER).version) == v1
