@@ -17,7 +17,7 @@ from pydantic import BaseModel
 
 from coreg.atomic import atomic_path
 from coreg.errors import CoregError
-from coreg.tracking import TrackingConfig, _guard, client_for
+from coreg.tracking import TrackingConfig, _guard, client_for, load_registered_model
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,6 @@ def list_images(folder: Path) -> list[Path]:
 def predict_folder(request: PredictRequest, cfg: TrackingConfig) -> Path:
     """Write one row per image (path, label, class_name, confidence) as CSV or Parquet (by suffix)."""
     import mlflow
-    import torch
 
     from coreg.data import ImageDataset
     from coreg.train import predict_logits
@@ -59,7 +58,7 @@ def predict_folder(request: PredictRequest, cfg: TrackingConfig) -> Path:
     client_for(cfg)
     with _guard(f"load {uri}", cfg):
         info = mlflow.models.get_model_info(uri)
-        model = mlflow.pytorch.load_model(uri, map_location=torch.device("cpu"))
+    model = load_registered_model(cfg, uri)
     meta = info.metadata or {}
     arch = getattr(model, "arch", {})
     class_names = list(meta.get("class_names") or [])

@@ -27,7 +27,7 @@ import numpy as np
 from pydantic import BaseModel
 
 from coreg.errors import CoregError
-from coreg.tracking import TrackingConfig, _guard, client_for
+from coreg.tracking import TrackingConfig, _guard, client_for, load_registered_model
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +98,6 @@ def metric_value(metrics: dict[str, Any], metric: str) -> float | None:
 def evaluate_registered(cfg: TrackingConfig, model_uri: str, config: Any, train_dir: Path,
                         metric: str) -> float | None:
     """Score a registered model on the test split of ``train_dir`` (the challenger's evaluation data)."""
-    import mlflow
-    import torch
 
     from coreg import contracts
     from coreg.data import load_dataset
@@ -111,9 +109,7 @@ def evaluate_registered(cfg: TrackingConfig, model_uri: str, config: Any, train_
     test = samples[(samples["split"] == "test") & (samples["label"] >= 0)]
     if test.empty:
         return None
-    client_for(cfg)
-    with _guard(f"load {model_uri}", cfg):
-        model = mlflow.pytorch.load_model(model_uri, map_location=torch.device("cpu"))
+    model = load_registered_model(cfg, model_uri)
     size, channels = _arch(model, "image_size"), _arch(model, "in_channels")
     dataset = load_dataset(config.data)
     position = {sid: i for i, sid in enumerate(dataset.sample_ids)}

@@ -320,8 +320,33 @@ def log_model(cfg: TrackingConfig, run_id: str, train_dir: str | Path) -> str:
             input_example=example,
             metadata={"class_names": class_names, "image_size": size, "channels": channels,
                       "selected_epoch": getattr(model, "selected_epoch", None)},
+            # The weights travel as coreg's own model.pt too, so coreg loads them back with
+            # torch.load(weights_only=True) instead of unpickling code (see load_registered_model).
+            extra_files=[str(train_dir / "model.pt")],
         )
     return info.model_uri
+
+
+def load_registered_model(cfg: TrackingConfig, model_uri: str) -> Any:
+    """Load a logged coreg model without unpickling: its ``extra_files/model.pt`` via ``load_trained``.
+
+    ``mlflow.pytorch.load_model`` on a pickle-format model would run whatever code the pickle
+    names; a registry that anyone with write access can add versions to must not be trusted
+    that far. The pickled copy stays in the artifact for other MLflow consumers.
+    """
+    import tempfile
+
+    import mlflow
+
+    from coreg.train import load_trained
+
+    client_for(cfg)
+    with _guard(f"load {model_uri}", cfg), tempfile.TemporaryDirectory(prefix="coreg-model-") as tmp:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp))
+        weights = local / "extra_files" / "model.pt"
+        if not weights.is_file():
+            raise CoregError(f"{model_uri}: no extra_files/model.pt in the logged model; it was not logged by coreg")
+        return load_trained(weights, "cpu")
 
 
 def end_run(cfg: TrackingConfig, run_id: str, status: str = "FINISHED") -> None:

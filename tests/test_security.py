@@ -113,6 +113,18 @@ def test_every_torch_load_is_weights_only() -> None:
     assert _torch_load_calls("import torch\ntorch.load('x.pt')\ntorch.load('y', weights_only=False)\n")
 
 
+def test_registered_models_are_never_unpickled() -> None:
+    """Models come back from MLflow as coreg's weights-only model.pt, never via mlflow.pytorch.load_model."""
+    offenders = []
+    for folder in ("coreg", "components", "pipelines"):
+        for path in sorted((REPO / folder).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.Attribute) and node.attr == "load_model" and \
+                        isinstance(node.value, ast.Attribute) and node.value.attr in ("pytorch", "pyfunc"):
+                    offenders.append(f"{path.relative_to(REPO)}:{node.lineno}: {ast.unparse(node)}")
+    assert offenders == []
+
+
 def _png(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.new("L", (4, 4), 9).save(path)
