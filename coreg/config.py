@@ -273,7 +273,15 @@ class AggregateConfig(_Section):
 class TrainConfig(_Section):
     """Co-Reg training. Defaults are the reference recipe (method.md)."""
 
-    method: Literal["coreg"] = Field("coreg", description="Training method.")
+    method: Literal["coreg", "zero_shot", "ce_majority", "soft_distill", "proden", "dividemix"] = Field(
+        "coreg",
+        description="coreg: the method (docs/method.md). Baselines (coreg.baselines), same backbone, views, "
+        "optimiser, schedule and model selection: zero_shot: the annotators' plurality vote, no network "
+        "(writes zero_shot_predictions.parquet, no model.pt); ce_majority: one net, cross-entropy on the "
+        "annotators' plurality top-1 (hard distillation); soft_distill: one net, cross-entropy on the mean "
+        "annotator probabilities (needs probabilities); proden: one net, PRODEN on the candidate sets; "
+        "dividemix: DivideMix-style co-training (two nets, GMM co-divide, MixMatch) on the plurality top-1.",
+    )
     backbone: Literal["preact_resnet18", "small_cnn"] = Field(
         "preact_resnet18",
         description="preact_resnet18: the paper's backbone (stride adapts to 32 or 64 px); small_cnn: a "

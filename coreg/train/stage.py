@@ -17,11 +17,13 @@ import pandas as pd
 
 from coreg import contracts
 from coreg.atomic import atomic_path, write_json
+from coreg.baselines import fit_dividemix, fit_proden, fit_soft_targets, majority_targets, soft_targets
+from coreg.baselines.zero_shot import run_zero_shot
 from coreg.config import RunConfig, save_config
 from coreg.data import load_dataset
 from coreg.errors import CoregError
 from coreg.lineage import write_lineage
-from coreg.train.trainer import fit
+from coreg.train.trainer import FitResult, fit
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +43,10 @@ def validation_roles(n: int, fraction: float, seed: int) -> np.ndarray:
 
 def run_train(config: RunConfig, candidates_dir: Path, out_dir: Path, *, resume: bool = False,
               progress: bool = True, stop_after_epoch: int | None = None) -> Path:
-    """Train Co-Reg on the train split of ``candidates_dir``; write the model into ``out_dir``."""
+    """Train ``train.method`` (Co-Reg or a baseline) on the train split of ``candidates_dir`` into ``out_dir``."""
     candidates_dir, out_dir = Path(candidates_dir), Path(out_dir)
+    if config.train.method == "zero_shot":  # no network: the plurality vote is the prediction
+        return run_zero_shot(config, candidates_dir, out_dir)
     class_names = contracts.read_classes(candidates_dir)
     samples = contracts.read_samples(candidates_dir)
     candidates = contracts.read_candidates(candidates_dir, len(class_names))
@@ -85,17 +89,44 @@ def run_train(config: RunConfig, candidates_dir: Path, out_dir: Path, *, resume:
     flip = cfg.horizontal_flip if cfg.horizontal_flip is not None else config.data.source != "digits"
     log.info("training on %d samples (%d held out for model selection, %d few-shot labels), %d classes",
              int(fit_mask.sum()), int(val_mask.sum()), int(trusted.sum()), len(class_names))
-    result = fit(
-        images[fit_mask], y[fit_mask], cfg, out_dir,
-        horizontal_flip=flip, resume=resume,
-        val_images=images[val_mask] if val_mask.any() else None,
-        val_candidates=y[val_mask] if val_mask.any() else None,
-        progress=progress, stop_after_epoch=stop_after_epoch, trusted=trusted if trusted.any() else None,
-    )
+    val = {"val_images": images[val_mask] if val_mask.any() else None,
+           "val_candidates": y[val_mask] if val_mask.any() else None}
+    if cfg.method == "coreg":
+        result = fit(
+            images[fit_mask], y[fit_mask], cfg, out_dir,
+            horizontal_flip=flip, resume=resume, **val,
+            progress=progress, stop_after_epoch=stop_after_epoch, trusted=trusted if trusted.any() else None,
+        )
+    else:
+        result = _fit_baseline(config, candidates_dir, candidates, list(train_ids[fit_mask]), images[fit_mask],
+                               y[fit_mask], trusted, out_dir, flip, resume, progress, val)
     write_json(out_dir / SUMMARY_FILE, {
+        "method": cfg.method,
         "fit_samples": int(fit_mask.sum()), "validation_samples": int(val_mask.sum()),
         "few_shot_samples": int(trusted.sum()), "epochs_done": len(result.history),
         "selected_epoch": result.best_epoch, "selection_metric": "val_candidate_hit_rate",
         "selected_val_hit_rate": result.best_val_hit_rate,
     })
     return out_dir
+
+
+def _fit_baseline(config: RunConfig, candidates_dir: Path, candidates: pd.DataFrame, fit_ids: list[str],
+                  images: np.ndarray, y: np.ndarray, trusted: np.ndarray, out_dir: Path, flip: bool, resume: bool,
+                  progress: bool, val: dict[str, np.ndarray | None]) -> FitResult:
+    """Train a baseline of ``train.method`` on the fit part (held-out part and selection as for Co-Reg)."""
+    cfg = config.train
+    k = y.shape[1]
+    if resume and cfg.method != "dividemix":
+        log.warning("train.method=%s keeps no checkpoints: --resume starts afresh", cfg.method)
+    if cfg.method == "proden":
+        return fit_proden(images, y, cfg, out_dir, horizontal_flip=flip, progress=progress, **val)
+    if cfg.method == "soft_distill":
+        targets = soft_targets(candidates, fit_ids, k, str(candidates_dir / contracts.CANDIDATES_FILE))
+    else:
+        targets = majority_targets(candidates_dir, fit_ids, k)
+    if trusted.any():  # a few-shot human label beats any vote: its candidate set is that one label
+        targets[trusted] = y[trusted] / y[trusted].sum(axis=1, keepdims=True)
+    if cfg.method == "dividemix":
+        return fit_dividemix(images, targets, cfg, out_dir, horizontal_flip=flip, resume=resume, progress=progress,
+                             trusted=trusted if trusted.any() else None, **val)
+    return fit_soft_targets(images, targets, y, cfg, out_dir, horizontal_flip=flip, progress=progress, **val)

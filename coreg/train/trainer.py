@@ -151,6 +151,9 @@ def fit(
         arch = _arch(cfg, images_t, cand_t.shape[1])
         state = _new_state(cfg, arch, mean, std, device, images_t.shape[0])
         ckpt = out_dir / "checkpoints" / "last.pt"
+        # A run killed while writing leaves atomic_path's temporary files behind; they are never read.
+        for stray in [*out_dir.glob("checkpoints/.last.pt.*.tmp"), *out_dir.glob(".model.pt.*.tmp")]:
+            stray.unlink(missing_ok=True)
         if not (resume and ckpt.exists()):
             (out_dir / "model.pt").unlink(missing_ok=True)  # a fresh run never keeps an older run's model
         if resume and ckpt.exists():
@@ -563,7 +566,11 @@ def _hit_rate(model: CoRegEnsemble, data: _Data, batch_size: int) -> float:
 
 
 def _model_payload(state: _State, epoch: int, metric: float | None) -> dict[str, Any]:
-    model = state.model
+    return model_payload(state.model, epoch, metric)
+
+
+def model_payload(model: CoRegEnsemble, epoch: int, metric: float | None) -> dict[str, Any]:
+    """The ``model.pt`` dictionary :func:`load_trained` reads (shared with the baselines in coreg.baselines)."""
     return {
         "format": MODEL_FORMAT, "version": FORMAT_VERSION, "arch": dict(model.arch),
         "mean": model.mean.detach().cpu(), "std": model.std.detach().cpu(),
@@ -584,8 +591,13 @@ def _cpu(tree: Any) -> Any:
 
 
 def _save_model(path: Path, state: _State, epoch: int, metric: float | None) -> None:
+    save_model(path, state.model, epoch, metric)
+
+
+def save_model(path: Path, model: CoRegEnsemble, epoch: int, metric: float | None) -> None:
+    """Write ``model.pt`` atomically: a reader never sees a half-written model."""
     with atomic_path(path) as tmp:
-        torch.save(_model_payload(state, epoch, metric), tmp)
+        torch.save(model_payload(model, epoch, metric), tmp)
 
 
 def _rng_state() -> dict[str, Any]:

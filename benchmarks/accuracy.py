@@ -1,0 +1,161 @@
+"""Accuracy benchmark: Co-Reg and its baselines x data sets x annotation protocols x seeds.
+
+Every cell runs the real stages (``run_annotate`` -> ``run_aggregate`` -> ``run_train`` ->
+``run_evaluate``; zero_shot stops after ``run_train``, see coreg/baselines/zero_shot.py), so it also
+checks that every method keeps the data contracts. Annotation protocols:
+
+* ``vlm_low``:  the VLM-like simulation with a stronger teacher (20 labelled images per class, light blur);
+* ``vlm_high``: the VLM-like simulation with a weak teacher (3 per class, heavy blur) and noisier annotators;
+* ``synthetic``: the NPLL protocol, q = 0.3, eta = 0.2 (no probabilities, so no soft_distill).
+
+The achieved noise rate (share of training samples whose true label is outside S) and mean |S| are measured
+on the training split of each cell. Writes ``benchmarks/out/accuracy[-quick].json`` and ``.md`` and prints
+the Markdown table: mean +- std over seeds of test accuracy, noise rate, |S| and training wall time.
+
+    .venv/bin/python benchmarks/accuracy.py --quick   # digits, 1 seed, 12 epochs: ~6-8 minutes on 2 CPU cores
+    .venv/bin/python benchmarks/accuracy.py           # digits + animal-mnist, 3 seeds, 40 epochs (see RESULTS.md)
+
+Not part of CI. Settings of one cell are in ``cell_config``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from coreg import contracts
+from coreg.aggregate import run_aggregate
+from coreg.annotate import run_annotate
+from coreg.baselines.zero_shot import zero_shot_accuracy
+from coreg.config import RunConfig, parse_config
+from coreg.evaluate import run_evaluate
+from coreg.train.stage import run_train
+
+OUT = Path(__file__).resolve().parent / "out"
+METHODS = ["zero_shot", "ce_majority", "soft_distill", "proden", "dividemix", "coreg"]
+PROTOCOLS: dict[str, dict[str, Any]] = {
+    "vlm_low": {"method": "simulate_vlm", "teacher_samples_per_class": 20, "teacher_blur": 1.0},
+    "vlm_high": {"method": "simulate_vlm", "teacher_samples_per_class": 3, "teacher_blur": 4.0, "logit_noise": 1.0},
+    "synthetic": {"method": "synthetic", "q": 0.3, "eta": 0.2},
+}
+DATASETS = {"digits": {"source": "digits", "image_size": 16},
+            "animal-mnist": {"source": "animal_mnist", "image_size": 28}}
+
+
+def cell_config(dataset: str, protocol: str, seed: int, quick: bool, limit: int | None) -> dict[str, Any]:
+    """The run config of one (data set, protocol, seed) cell; ``train.method`` is set per method."""
+    epochs, warmup, ramp, reg = (12, 6, 3, 2) if quick else (40, 15, 10, 5)  # full = the digits demo budget
+    data = {**DATASETS[dataset], "test_fraction": 0.2, "split_seed": 0, **({"limit": limit} if limit else {})}
+    return {
+        "data": data,
+        "annotate": {**PROTOCOLS[protocol], "num_annotators": 27, "seed": seed},
+        "aggregate": {"rule": "union"},
+        "train": {"backbone": "small_cnn", "epochs": epochs, "warmup_epochs": warmup, "rampup_epochs": ramp,
+                  "reg_start_offset": reg, "lr": 0.05, "batch_size": 64, "warmup_batch_size": 64,
+                  "queue_size": 1024, "num_workers": 0, "device": "auto", "seed": seed},
+        "evaluate": {"plots": False},
+    }
+
+
+def candidate_quality(aggregate_dir: Path) -> tuple[float, float]:
+    """(noise rate, mean |S|) on the training split: share of true labels outside S, mean set size."""
+    samples = contracts.read_samples(aggregate_dir)
+    k = len(contracts.read_classes(aggregate_dir))
+    cands = contracts.read_candidates(aggregate_dir, k).set_index("sample_id")["candidates"]
+    train = samples[samples["split"] == "train"]
+    sets = cands.reindex(train["sample_id"].to_numpy())
+    inside = [int(y) in set(s) for y, s in zip(train["label"], sets, strict=True)]
+    return 1.0 - float(np.mean(inside)), float(np.mean([len(s) for s in sets]))
+
+
+def run_cell(raw: dict[str, Any], methods: list[str], root: Path) -> list[dict[str, Any]]:
+    """Annotate and aggregate once, then train and evaluate every method on the same candidate sets."""
+    config: RunConfig = parse_config(raw, "benchmark")
+    run_annotate(config, root / "annotate", progress=False)
+    run_aggregate(config, root / "annotate", root / "aggregate")
+    noise, size = candidate_quality(root / "aggregate")
+    rows = []
+    for method in methods:
+        if method == "soft_distill" and raw["annotate"]["method"] == "synthetic":
+            continue  # the synthetic protocol gives no probabilities to distil
+        cfg = parse_config({**raw, "train": {**raw["train"], "method": method}}, "benchmark")
+        start = time.perf_counter()
+        train_dir = run_train(cfg, root / "aggregate", root / f"train-{method}", progress=False)
+        seconds = time.perf_counter() - start
+        if method == "zero_shot":
+            acc = zero_shot_accuracy(train_dir)
+        else:
+            ev = run_evaluate(cfg, train_dir, root / f"evaluate-{method}")
+            acc = json.loads((ev / "metrics.json").read_text())["model"]["accuracy"]
+        rows.append({"method": method, "test_accuracy": acc, "noise_rate": noise, "mean_set_size": size,
+                     "train_seconds": round(seconds, 2)})
+        print(f"  {method:13s} acc {acc:.3f}  noise {noise:.3f}  |S| {size:.2f}  {seconds:6.1f}s", flush=True)
+    return rows
+
+
+def _ms(values: list[float], digits: int = 3) -> str:
+    mean = statistics.fmean(values)
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{mean:.{digits}f} ± {sd:.{digits}f}"
+
+
+def markdown(results: list[dict[str, Any]]) -> str:
+    """One row per (data set, protocol, method): mean ± std over seeds."""
+    df = pd.DataFrame(results)
+    lines = ["| data set | protocol | method | test accuracy | noise rate | mean \\|S\\| | train s | seeds |",
+             "|---|---|---|---|---|---|---|---|"]
+    for (dataset, protocol), cell in df.groupby(["dataset", "protocol"], sort=False):
+        for method in METHODS:
+            m = cell[cell["method"] == method]
+            if m.empty:
+                continue
+            lines.append(f"| {dataset} | {protocol} | {method} | {_ms(list(m['test_accuracy']))} | "
+                         f"{_ms(list(m['noise_rate']))} | {_ms(list(m['mean_set_size']), 2)} | "
+                         f"{_ms(list(m['train_seconds']), 1)} | {len(m)} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="digits only, seed 0, 12 epochs")
+    parser.add_argument("--datasets", nargs="+", choices=list(DATASETS))
+    parser.add_argument("--protocols", nargs="+", choices=list(PROTOCOLS), default=list(PROTOCOLS))
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=METHODS)
+    parser.add_argument("--seeds", nargs="+", type=int)
+    parser.add_argument("--limit", type=int, help="use only the first N samples of each data set")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    datasets = args.datasets or (["digits"] if args.quick else list(DATASETS))
+    seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
+    results: list[dict[str, Any]] = []
+    start = time.perf_counter()
+    for dataset in datasets:
+        for protocol in args.protocols:
+            for seed in seeds:
+                print(f"{dataset} / {protocol} / seed {seed}", flush=True)
+                with tempfile.TemporaryDirectory(prefix="coreg-bench-") as tmp:
+                    raw = cell_config(dataset, protocol, seed, args.quick, args.limit)
+                    for row in run_cell(raw, args.methods, Path(tmp)):
+                        results.append({"dataset": dataset, "protocol": protocol, "seed": seed, **row})
+    table = markdown(results)
+    total = time.perf_counter() - start
+    print(table)
+    print(f"total {total:.0f}s")
+    OUT.mkdir(parents=True, exist_ok=True)
+    name = "accuracy-quick" if args.quick else "accuracy"
+    (OUT / f"{name}.json").write_text(json.dumps({"args": vars(args), "total_seconds": round(total, 1),
+                                                   "protocols": PROTOCOLS, "results": results}, indent=2))
+    (OUT / f"{name}.md").write_text(table + f"\ntotal {total:.0f}s\n")
+
+
+if __name__ == "__main__":
+    main()
