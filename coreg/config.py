@@ -46,6 +46,11 @@ class DataConfig(_Section):
         description="Class names in label order. Required for a flat folder and for a manifest without "
         "a label column; otherwise taken from the sub-folder names or the built-in data set.",
     )
+    root: str | None = Field(
+        None,
+        description="Folder every manifest path must stay inside (symlinks followed). Default: $COREG_DATA_ROOT "
+        "when set, else the manifest's own folder. Keeps a manifest from reading files it should not.",
+    )
     path_column: str = Field("path", description="Manifest column with the image path or URI.")
     id_column: str | None = Field(
         None, description="Manifest column with a stable sample id; default: the path itself."

@@ -151,5 +151,7 @@ def test_data_root_can_be_widened_explicitly(tmp_path: Path, monkeypatch: pytest
     cfg = DataConfig(source="manifest", path=str(manifest), class_names=["a", "b"])
     with pytest.raises(CoregError, match="outside the data root"):
         load_dataset(cfg)
+    widened = cfg.model_copy(update={"root": str(tmp_path / "shared")})
+    assert load_dataset(widened).sample_ids == ["../images/a.png"]
     monkeypatch.setenv("COREG_DATA_ROOT", str(tmp_path / "shared"))
     assert load_dataset(cfg).sample_ids == ["../images/a.png"]

@@ -261,14 +261,14 @@ def _load_manifest(cfg: DataConfig) -> ImageDataset:
         row = _first(dup)
         raise CoregError(f"{path}: row {row}: duplicate sample id {ids[row]!r}")
     names, labels = _manifest_labels(cfg, df, path)
-    root = data_root(path)
+    root = data_root(path, cfg.root)
     resolved = [_resolve(p, path.parent) for p in raw_paths]
     for row, p in enumerate(resolved):
         if is_uri(p):
             continue
         if not Path(p).is_relative_to(root):
             raise CoregError(f"{path}: row {row}: path {raw_paths[row]!r} is outside the data root {root} "
-                             f"(set {DATA_ROOT_ENV} to allow another folder)")
+                             f"(set data.root or {DATA_ROOT_ENV} to allow another folder)")
         if not Path(p).is_file():
             raise CoregError(f"{path}: row {row}: image file {p} not found")
     order = np.argsort(ids.astype(str), kind="stable")
@@ -304,10 +304,10 @@ def _manifest_labels(cfg: DataConfig, df: pd.DataFrame, path: Path) -> tuple[lis
     return names, labels
 
 
-def data_root(manifest: Path) -> Path:
-    """The folder every manifest path must resolve into (symlinks followed): ``$COREG_DATA_ROOT`` or the
-    manifest's own folder."""
-    configured = os.environ.get(DATA_ROOT_ENV, "").strip()
+def data_root(manifest: Path, configured: str | None = None) -> Path:
+    """The folder every manifest path must resolve into (symlinks followed): ``data.root``, else
+    ``$COREG_DATA_ROOT``, else the manifest's own folder."""
+    configured = configured or os.environ.get(DATA_ROOT_ENV, "").strip()
     return Path(configured or manifest.parent).expanduser().resolve()
 
 
