@@ -29,7 +29,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field
 
 from coreg.atomic import staged_directory
 from coreg.errors import CoregError
@@ -61,8 +61,6 @@ class StorageConfig(BaseModel):
     endpoint_url: str | None = Field(
         None, description="S3 endpoint (SeaweedFS, MinIO, ...); default: AWS_ENDPOINT_URL or AWS itself.")
     region: str | None = Field(None, description="Region; default: AWS_DEFAULT_REGION or us-east-1.")
-    access_key_id: str | None = Field(None, description="Access key; default: the AWS credential chain.")
-    secret_access_key: SecretStr | None = Field(None, description="Secret key; default: the AWS chain.")
     max_attempts: Annotated[int, Field(ge=1, le=20)] = Field(
         5, description="Attempts per request (botocore standard retries) and for publishing the manifest.")
     connect_timeout: Annotated[float, Field(gt=0)] = Field(5.0, description="Seconds to connect.")
@@ -100,9 +98,9 @@ def make_client(cfg: StorageConfig | None = None) -> Any:
         s3={"addressing_style": "path"},
         signature_version="s3v4",
     )
+    # Credentials come only from the AWS chain (environment, Kubernetes secrets mounted as env, instance
+    # roles): never from a config file, which is saved beside every output and logged as MLflow params.
     session = boto3.session.Session(
-        aws_access_key_id=cfg.access_key_id,
-        aws_secret_access_key=cfg.secret_access_key.get_secret_value() if cfg.secret_access_key else None,
         region_name=cfg.region or os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
         or "us-east-1",
     )
@@ -131,7 +129,7 @@ def _call(what: str, uri: str, client: Any, fn: Callable[[], T]) -> T:
         return fn()
     except NoCredentialsError:
         raise CoregError(f"{uri}: no S3 credentials found; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
-                         "(or storage.access_key_id)") from None
+                         "(from the environment or a Kubernetes secret)") from None
     except (ConnectionError, HTTPClientError) as err:
         raise CoregError(f"{uri}: S3 endpoint {_endpoint(client)} unreachable while trying to {what} "
                          f"({type(err).__name__}); is the service up?") from None

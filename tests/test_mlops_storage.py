@@ -85,9 +85,10 @@ def test_missing_bucket_is_one_line_error(s3_server, tmp_path):
     assert "\n" not in str(err.value)
 
 
-def test_service_down_is_one_line_error_after_retries(tmp_path):
-    cfg = StorageConfig(endpoint_url=f"http://127.0.0.1:{free_port()}", max_attempts=2, connect_timeout=0.5,
-                        access_key_id="a", secret_access_key="b")
+def test_service_down_is_one_line_error_after_retries(tmp_path, monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "a")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "b")
+    cfg = StorageConfig(endpoint_url=f"http://127.0.0.1:{free_port()}", max_attempts=2, connect_timeout=0.5)
     started = time.time()
     with pytest.raises(CoregError, match="unreachable") as err:
         publish_dir(_folder(tmp_path), "s3://bucket/x", cfg)
@@ -124,8 +125,10 @@ def strict_s3():
         proc.wait(timeout=10)
 
 
-def test_wrong_credentials_are_one_line_error(strict_s3, tmp_path):
-    cfg = StorageConfig(endpoint_url=strict_s3, access_key_id="AKIAUNKNOWN", secret_access_key="nope", max_attempts=2)
+def test_wrong_credentials_are_one_line_error(strict_s3, tmp_path, monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAUNKNOWN")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "nope")
+    cfg = StorageConfig(endpoint_url=strict_s3, max_attempts=2)
     with pytest.raises(CoregError, match=r"refused the credentials \(InvalidAccessKeyId\)") as err:
         publish_dir(_folder(tmp_path), "s3://bucket/x", cfg)
     assert "\n" not in str(err.value) and "s3://bucket/x" in str(err.value)
