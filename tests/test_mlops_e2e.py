@@ -49,7 +49,8 @@ def _params(mlflow_server, s3_server, overrides, annotations_uri=""):
 def two_runs(mlflow_server, s3_server, tmp_path_factory):
     root = tmp_path_factory.mktemp("kfp")
     first = pipeline_cli.run_local(_params(mlflow_server, s3_server, BASE), root / "first")
-    client = mlflow.MlflowClient(tracking_uri=mlflow_server.uri)
+    # registry_uri too: an earlier test may have pointed the process-wide registry URI at another store.
+    client = mlflow.MlflowClient(tracking_uri=mlflow_server.uri, registry_uri=mlflow_server.uri)
     exp = client.get_experiment_by_name(EXPERIMENT)
     (run1,) = client.search_runs([exp.experiment_id])
     kfp_run_id = run1.data.tags[KFP_RUN_TAG]
@@ -85,6 +86,7 @@ def test_first_run_is_tracked_in_mlflow(two_runs):
     (model,) = [m for m in models if m.source_run_id == run.info.run_id]
     assert model.name == "model"
     mlflow.set_tracking_uri(client.tracking_uri)
+    mlflow.set_registry_uri(client.tracking_uri)
     info = mlflow.models.get_model_info(f"models:/{MODEL}/{two_runs['first']['decision']['version']}")
     assert info.metadata["image_size"] == 16 and info.metadata["channels"] == 1
     assert len(info.metadata["class_names"]) == 10

@@ -56,7 +56,7 @@ def test_stage_logging_into_the_embedded_store(tmp_path):
     log_stage(cfg, run_id, "train", stage)
     import mlflow
 
-    client = mlflow.MlflowClient(tracking_uri=cfg.uri)
+    client = mlflow.MlflowClient(tracking_uri=cfg.uri, registry_uri=cfg.uri)
     run = client.get_run(run_id)
     assert run.data.params["train.epochs"] == "2" and run.data.tags["kfp_run_id"] == "kfp-123"
     assert [m.value for m in client.get_metric_history(run_id, "train.loss")] == [1.0, 0.5]
