@@ -23,6 +23,7 @@ from coreg.config import RunConfig, save_config
 from coreg.data import load_dataset
 from coreg.errors import CoregError
 from coreg.lineage import write_lineage
+from coreg.train.distributed import env_world_size, is_main_process
 from coreg.train.trainer import FitResult, fit
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,9 @@ def run_train(config: RunConfig, candidates_dir: Path, out_dir: Path, *, resume:
               progress: bool = True, stop_after_epoch: int | None = None) -> Path:
     """Train ``train.method`` (Co-Reg or a baseline) on the train split of ``candidates_dir`` into ``out_dir``."""
     candidates_dir, out_dir = Path(candidates_dir), Path(out_dir)
+    if env_world_size() > 1 and config.train.method != "coreg":
+        raise CoregError(f"train.method={config.train.method}: distributed training (torchrun, WORLD_SIZE > 1) is "
+                         "implemented for train.method=coreg only; start it without torchrun")
     if config.train.method == "zero_shot":  # no network: the plurality vote is the prediction
         return run_zero_shot(config, candidates_dir, out_dir)
     class_names = contracts.read_classes(candidates_dir)
@@ -78,13 +82,15 @@ def run_train(config: RunConfig, candidates_dir: Path, out_dir: Path, *, resume:
     few_shot = candidates.set_index("sample_id")["few_shot"].reindex(train_ids.to_numpy()).fillna(False)
     trusted = few_shot.to_numpy(dtype=bool)[fit_mask]
 
+    main = is_main_process()  # under torchrun only rank 0 writes the stage folder
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_config(config, out_dir)
-    write_lineage(out_dir, "train", {"candidates": candidates_dir})
-    contracts.write_classes(out_dir, class_names)
-    contracts.write_samples(out_dir, samples)
-    with atomic_path(out_dir / ROLES_FILE) as tmp:
-        pd.DataFrame({"sample_id": train_ids, "role": roles.astype(str)}).to_parquet(tmp, index=False)
+    if main:
+        save_config(config, out_dir)
+        write_lineage(out_dir, "train", {"candidates": candidates_dir})
+        contracts.write_classes(out_dir, class_names)
+        contracts.write_samples(out_dir, samples)
+        with atomic_path(out_dir / ROLES_FILE) as tmp:
+            pd.DataFrame({"sample_id": train_ids, "role": roles.astype(str)}).to_parquet(tmp, index=False)
 
     flip = cfg.horizontal_flip if cfg.horizontal_flip is not None else config.data.source != "digits"
     log.info("training on %d samples (%d held out for model selection, %d few-shot labels), %d classes",
@@ -100,6 +106,8 @@ def run_train(config: RunConfig, candidates_dir: Path, out_dir: Path, *, resume:
     else:
         result = _fit_baseline(config, candidates_dir, candidates, list(train_ids[fit_mask]), images[fit_mask],
                                y[fit_mask], trusted, out_dir, flip, resume, progress, val)
+    if not main:
+        return out_dir
     write_json(out_dir / SUMMARY_FILE, {
         "method": cfg.method,
         "fit_samples": int(fit_mask.sum()), "validation_samples": int(val_mask.sum()),

@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 from coreg.atomic import atomic_path, write_json
 from coreg.config import TrainConfig
 from coreg.errors import CoregError
+from coreg.train import distributed
 from coreg.train import losses as L
 from coreg.train.augment import Augmenter, MultiViewDataset, channel_stats, derive_seed, make_loader
 from coreg.train.clean_split import LossHistory, gmm_clean_weights
@@ -97,6 +98,16 @@ class _Run:
     data: _Data
     out_dir: Path
     progress: bool
+    dist: distributed.DistContext | None = None  # set under torchrun (WORLD_SIZE > 1)
+
+    @property
+    def main(self) -> bool:
+        """Whether this process writes files (always, unless it is a rank > 0 of a distributed run)."""
+        return self.dist is None or self.dist.main
+
+    def barrier(self) -> None:
+        if self.dist is not None:
+            self.dist.barrier()
 
 
 # ----------------------------------------------------------------------------- public API
@@ -145,17 +156,39 @@ def fit(
     images_t, cand_t = _check_inputs(images, candidates, "training")
     val_t = _check_validation(val_images, val_candidates, images_t, cand_t)
     device = resolve_device(cfg.device)
+    if distributed.env_world_size() > 1 and device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", distributed.local_rank())  # torchrun: one GPU per process
+        torch.cuda.set_device(device)
+    ctx = distributed.init_from_env(device)
+    try:
+        return _fit(images_t, cand_t, val_t, cfg, out_dir, device, ctx, horizontal_flip=horizontal_flip,
+                    resume=resume, progress=progress, stop_after_epoch=stop_after_epoch, trusted=trusted)
+    finally:
+        if ctx is not None:
+            ctx.close()
+
+
+def _fit(images_t: torch.Tensor, cand_t: torch.Tensor, val_t: tuple[torch.Tensor, torch.Tensor] | None,
+         cfg: TrainConfig, out_dir: Path, device: torch.device, ctx: distributed.DistContext | None, *,
+         horizontal_flip: bool, resume: bool, progress: bool, stop_after_epoch: int | None,
+         trusted: np.ndarray | None) -> FitResult:
+    main = ctx is None or ctx.main
     with _deterministic(device):
         _seed_everything(cfg.seed)
         mean, std = channel_stats(images_t)
         arch = _arch(cfg, images_t, cand_t.shape[1])
         state = _new_state(cfg, arch, mean, std, device, images_t.shape[0])
+        if ctx is not None:  # BatchNorm over the global batch (the rows of all ranks)
+            distributed.convert_batchnorm(state.model)
         ckpt = out_dir / "checkpoints" / "last.pt"
-        # A run killed while writing leaves atomic_path's temporary files behind; they are never read.
-        for stray in [*out_dir.glob("checkpoints/.last.pt.*.tmp"), *out_dir.glob(".model.pt.*.tmp")]:
-            stray.unlink(missing_ok=True)
-        if not (resume and ckpt.exists()):
-            (out_dir / "model.pt").unlink(missing_ok=True)  # a fresh run never keeps an older run's model
+        if main:
+            # A run killed while writing leaves atomic_path's temporary files behind; they are never read.
+            for stray in [*out_dir.glob("checkpoints/.last.pt.*.tmp"), *out_dir.glob(".model.pt.*.tmp")]:
+                stray.unlink(missing_ok=True)
+            if not (resume and ckpt.exists()):
+                (out_dir / "model.pt").unlink(missing_ok=True)  # a fresh run never keeps an older run's model
+        if ctx is not None:
+            ctx.barrier()
         if resume and ckpt.exists():
             _load_checkpoint(state, ckpt, cfg, images_t.shape[0], cand_t.shape[1], device)
             log.info("resuming from %s at epoch %d", ckpt, state.next_epoch + 1)
@@ -163,16 +196,18 @@ def fit(
         data = _Data(images_t, cand_t.to(device), augmenter,
                      val_t[0] if val_t else None, val_t[1].to(device) if val_t else None,
                      _check_trusted(trusted, images_t.shape[0]))
-        run = _Run(cfg, device, data, out_dir, progress)
+        run = _Run(cfg, device, data, out_dir, progress and main, ctx)
         last = cfg.epochs if stop_after_epoch is None else max(0, min(cfg.epochs, stop_after_epoch))
         for epoch in range(state.next_epoch, last):
             _run_epoch(run, state, epoch)
         model_path = out_dir / "model.pt"
-        if (data.val_images is None or not model_path.exists()) and state.next_epoch > 0:
+        if main and (data.val_images is None or not model_path.exists()) and state.next_epoch > 0:
             _save_model(model_path, state, state.next_epoch, None)
         if data.val_images is None:
             state.best_epoch = state.next_epoch or None
-        write_json(out_dir / "history.json", state.history)
+        if main:
+            write_json(out_dir / "history.json", state.history)
+        run.barrier()
     return FitResult(model_path, state.history, state.best_epoch, state.best_metric)
 
 
@@ -318,6 +353,8 @@ def _run_epoch(run: _Run, state: _State, epoch: int) -> None:
     warmup = epoch < cfg.warmup_epochs
     record = _warmup_epoch(run, state, epoch) if warmup else _coreg_epoch(run, state, epoch)
     hit = _hit_rate(state.model, run.data, cfg.eval_batch_size) if run.data.val_images is not None else None
+    if hit is not None and run.dist is not None:  # the same model selection on every rank
+        hit = run.dist.broadcast_float(hit)
     record = {"epoch": epoch + 1, "phase": "warmup" if epoch < cfg.warmup_epochs else "coreg", "lr": lr,
               **record, "val_hit_rate": hit, "seconds": round(time.perf_counter() - start, 3)}
     state.history.append(record)
@@ -325,9 +362,12 @@ def _run_epoch(run: _Run, state: _State, epoch: int) -> None:
     selectable = epoch + 1 >= cfg.first_selectable_epoch()
     if hit is not None and selectable and (state.best_metric is None or hit >= state.best_metric):
         state.best_metric, state.best_epoch = hit, epoch + 1
-        _save_model(run.out_dir / "model.pt", state, epoch + 1, hit)
-    _save_checkpoint(run, state)
-    write_json(run.out_dir / "history.json", state.history)
+        if run.main:
+            _save_model(run.out_dir / "model.pt", state, epoch + 1, hit)
+    if run.main:
+        _save_checkpoint(run, state)
+        write_json(run.out_dir / "history.json", state.history)
+    run.barrier()
     log.info("epoch %d/%d %s loss %.4f val_hit_rate %s (%.1fs)", epoch + 1, cfg.epochs, record["phase"],
              record["loss"], "-" if hit is None else f"{hit:.4f}", record["seconds"])
 
@@ -358,15 +398,19 @@ def _warmup_epoch(run: _Run, state: _State, epoch: int) -> dict[str, Any]:
             net.train()
             sums = {"loss": 0.0, "l_x": 0.0, "l_penalty": 0.0}
             for views, idx in loader:
-                logits = net(views.to(run.device))
-                pce = L.partial_cross_entropy(logits, data.candidates[idx.to(run.device)])
-                penalty = L.confidence_penalty(logits)
-                loss = pce + cfg.confidence_penalty * penalty
-                _step(state.optimizers[net_id], loss)
-                for key, value in (("loss", loss), ("l_x", pce), ("l_penalty", penalty)):
-                    sums[key] += float(value.detach())
+                if run.dist is not None:
+                    values = _warmup_step_dist(run, state, net_id, net, views, idx)
+                else:
+                    logits = net(views.to(run.device))
+                    pce = L.partial_cross_entropy(logits, data.candidates[idx.to(run.device)])
+                    penalty = L.confidence_penalty(logits)
+                    loss = pce + cfg.confidence_penalty * penalty
+                    _step(state.optimizers[net_id], loss)
+                    values = [float(v.detach()) for v in (loss, pce, penalty)]
+                for key, value in zip(("loss", "l_x", "l_penalty"), values, strict=True):
+                    sums[key] += value
                 bar.update(1)
-                bar.set_postfix(net=net_id + 1, loss=f"{float(loss.detach()):.3f}")
+                bar.set_postfix(net=net_id + 1, loss=f"{values[0]:.3f}")
             per_net.append({k: v / steps for k, v in sums.items()})
     return {**_mean_stats(per_net), "clean_net1": None, "clean_net2": None, "ramp": 0.0, "regularisers": False}
 
@@ -409,7 +453,10 @@ def _split(run: _Run, state: _State, epoch: int) -> tuple[list[torch.Tensor], li
     """Steps 1-3 of the method for both nets: aligned predictions, clean weights and clean masks."""
     cfg = run.cfg
     aligned, weights, clean = [], [], []
-    for i, probs in enumerate(_predict_train(run, state, epoch)):
+    predictions = _predict_train(run, state, epoch)
+    if run.dist is not None:  # rank 0's predictions: every rank derives the same split from them
+        predictions = [run.dist.broadcast(p) for p in predictions]
+    for i, probs in enumerate(predictions):
         p = L.distribution_alignment(probs)
         averaged = state.loss_histories[i].update(L.max_candidate_loss(p, run.data.candidates))
         w, c = gmm_clean_weights(averaged.numpy(), cfg.clean_threshold, derive_seed(cfg.seed, _GMM, epoch, i) % 2**32)
@@ -477,7 +524,8 @@ def _train_coreg_net(run: _Run, state: _State, epoch: int, net_id: int, peer_ali
             lab = next(lab_iter) if lab_iter is not None else None
             unl = next(unl_iter) if unl_iter is not None else None
             ramp = _ramp(cfg, epoch + step / steps)
-            stats = _coreg_step(run, state, net_id, net, peer, lab, unl, peer_aligned, w_all, ramp, reg, mix_gen)
+            step_fn = _coreg_step if run.dist is None else _coreg_step_dist
+            stats = step_fn(run, state, net_id, net, peer, lab, unl, peer_aligned, w_all, ramp, reg, mix_gen)
             for key, value in stats.items():
                 sums[key] = sums.get(key, 0.0) + value
             bar.update(1)
@@ -659,3 +707,107 @@ def _load_checkpoint(state: _State, path: Path, cfg: TrainConfig, n: int, k: int
     state.best_metric, state.best_epoch = ckpt["best_metric"], ckpt["best_epoch"]
     state.history = list(ckpt["history"])
     _set_rng_state(ckpt["rng"])
+
+
+# ----------------------------------------------------------------------------- distributed steps
+# The same computations as ``_warmup_epoch``'s step and ``_coreg_step`` on the same global batch,
+# with this rank forwarding only its chunk of the rows (see coreg/train/distributed.py).
+
+
+def _dist_step(run: _Run, optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+    """Backward of this rank's share of the loss, gradients summed over ranks, one optimiser step."""
+    assert run.dist is not None
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    run.dist.sum_grads([p for group in optimizer.param_groups for p in group["params"]])
+    optimizer.step()
+
+
+def _warmup_step_dist(run: _Run, state: _State, net_id: int, net: CoRegNet, views: torch.Tensor,
+                      idx: torch.Tensor) -> list[float]:
+    ctx, cfg = run.dist, run.cfg
+    assert ctx is not None
+    n = views.shape[0]
+    a, b = ctx.bounds(n)
+    logits = net(views[a:b].to(run.device))
+    pce = distributed.share(L.partial_cross_entropy(logits, run.data.candidates[idx[a:b].to(run.device)]), b - a, n)
+    penalty = distributed.share(L.confidence_penalty(logits), b - a, n)
+    loss = pce + cfg.confidence_penalty * penalty
+    _dist_step(run, state.optimizers[net_id], loss)
+    return ctx.sum([float(v.detach()) for v in (loss, pce, penalty)])
+
+
+def _coreg_step_dist(run: _Run, state: _State, net_id: int, net: CoRegNet, peer: CoRegNet, lab: tuple | None,
+                     unl: tuple | None, peer_aligned: torch.Tensor, w_all: torch.Tensor, ramp: float, reg: bool,
+                     mix_gen: torch.Generator) -> dict[str, float]:
+    """``_coreg_step`` on the global batch, data-parallel: every rank holds the batch, forwards its rows."""
+    ctx, cfg, dev, cand = run.dist, run.cfg, run.device, run.data.candidates
+    assert ctx is not None
+    parts = [b for b in (lab, unl) if b is not None]
+    nl = 0 if lab is None else lab[0].shape[0]
+    w1, w2, s1, s2 = (torch.cat([b[v] for b in parts]).to(dev) for v in range(4))
+    nb = w1.shape[0]
+    nu = nb - nl
+    a, b = ctx.bounds(nb)
+
+    # Weak views of this rank's rows (BatchNorm statistics over the rows of all ranks).
+    with torch.set_grad_enabled(reg):
+        logits_w, z_w = net(torch.cat([w1[a:b], w2[a:b]]), with_proj=True)
+    probs_w = F.softmax(logits_w.detach(), dim=1)
+    p1, p2 = ctx.gather_rows(probs_w[:b - a], nb), ctx.gather_rows(probs_w[b - a:], nb)
+    z_q = ctx.gather_rows(z_w[:b - a], nb, grad=reg)
+    targets = []
+    if lab is not None:
+        idx_l = lab[4].to(dev)
+        targets.append(L.co_pseudo_label_targets(peer_aligned[idx_l], cand[idx_l], p1[:nl], p2[:nl], w_all[idx_l],
+                                                 cfg.sharpen_temperature))
+    if unl is not None:
+        ua, ub = ctx.bounds(nu)
+        with torch.no_grad():
+            peer_p = F.softmax(peer(torch.cat([w1[nl + ua:nl + ub], w2[nl + ua:nl + ub]])), dim=1)
+        q1, q2 = ctx.gather_rows(peer_p[:ub - ua], nu), ctx.gather_rows(peer_p[ub - ua:], nu)
+        targets.append(L.unlabelled_targets(p1[nl:], p2[nl:], q1, q2, cfg.sharpen_temperature))
+    t = torch.cat(targets)
+
+    # MixMatch of the global batch (same generator on every rank); this rank trains on its mixed rows.
+    inputs = torch.cat([s1[:nl], s2[:nl], s1[nl:], s2[nl:]])
+    mix_t = torch.cat([t[:nl], t[:nl], t[nl:], t[nl:]])
+    mixed_x, mixed_t, _ = L.mixmatch(inputs, mix_t, cfg.mixup_alpha, mix_gen)
+    n_lab_rows, n_rows = 2 * nl, 2 * nb
+    ma, mb = ctx.bounds(n_rows)
+    out = net(mixed_x[ma:mb], with_proj=reg)
+    logits_m, z_m = out if reg else (out, None)
+    cut = min(max(n_lab_rows - ma, 0), mb - ma)  # this rank's labelled mixed rows come first
+    my_t = mixed_t[ma:mb]
+    l_x = distributed.share(L.mixed_ce_loss(logits_m[:cut], my_t[:cut]), cut, n_lab_rows)
+    l_u = distributed.share(L.mixed_mse_loss(logits_m[cut:], my_t[cut:]), mb - ma - cut, n_rows - n_lab_rows)
+    loss = l_x + ramp * cfg.lambda_u * l_u
+    l_proto = l_con = None
+    keys = clean_flags = None
+    if reg:
+        assert z_m is not None
+        prototypes = state.model.prototypes.clone()
+        l_proto = (distributed.share(L.prototype_loss(z_m[:cut], prototypes, my_t[:cut], cut, cfg.proto_temperature),
+                                     cut, n_lab_rows)
+                   + distributed.share(L.prototype_loss(z_m[cut:], prototypes, my_t[cut:], 0, cfg.proto_temperature),
+                                       mb - ma - cut, n_rows - n_lab_rows))
+        keys = ctx.gather_rows(net.encode_keys(s1[a:b]), nb)
+        labels = t.argmax(dim=1)
+        clean_flags = torch.arange(nb, device=dev) < nl
+        # Every rank computes the whole L_con (all queries are gathered, with gradients): each takes 1/world.
+        l_con = L.supervised_contrastive_loss(
+            z_q, keys, net.queue_feats.clone(), net.queue_targets.argmax(dim=1), net.queue_clean.clone(),
+            net.queue_valid.clone(), labels, clean_flags, cfg.con_temperature) / ctx.world
+        loss = loss + cfg.reg_weight * (l_proto + l_con)
+    _dist_step(run, state.optimizers[net_id], loss)
+    values = ctx.sum([float(v.detach()) if v is not None else 0.0 for v in (loss, l_x, l_u, l_proto, l_con)])
+    stats = dict(zip(("loss", "l_x", "l_u", "l_proto", "l_con"), values, strict=True))
+
+    with torch.no_grad():
+        if nl > 0:  # the same EMA on every rank: the gathered embeddings of the global batch
+            state.model.prototypes.copy_(L.update_prototypes(state.model.prototypes, z_q[:nl].detach(),
+                                                             t[:nl].argmax(dim=1), cfg.proto_momentum))
+        if reg:
+            net.momentum_update(cfg.key_momentum)
+            net.enqueue(keys, t, clean_flags)
+    return stats
