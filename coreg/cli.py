@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import sys
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -170,6 +171,9 @@ def stage_output(location: str | Path, config: RunConfig) -> Iterator[Path]:
     if not is_s3(str(location)):
         yield Path(location)
         return
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise CoregError(f"--out {location}: under torchrun write to a local folder (rank 0 writes it), "
+                         "then publish it; every rank would publish its own copy otherwise")
     from coreg.storage import publish_dir
 
     with tempfile.TemporaryDirectory(prefix="coreg-stage-") as tmp:

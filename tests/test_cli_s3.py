@@ -71,3 +71,12 @@ def test_failed_stage_publishes_nothing(s3_server: S3Server, tmp_path: Path, mon
     assert code == 2
     assert "not found" in capsys.readouterr().err
     assert _keys(s3_server, "runs/failed/") == set()
+
+
+def test_s3_output_is_refused_under_torchrun(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """Every torchrun rank runs the command: an s3:// --out would be published once per rank."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code = main(["aggregate", "--quiet", "--annotations", str(tmp_path), "--out", "s3://bucket/runs/x/aggregate"])
+    err = capsys.readouterr().err
+    assert code == 2 and "under torchrun write to a local folder" in err

@@ -160,12 +160,8 @@ def fit(
         device = torch.device("cuda", distributed.local_rank())  # torchrun: one GPU per process
         torch.cuda.set_device(device)
     ctx = distributed.init_from_env(device)
-    try:
-        return _fit(images_t, cand_t, val_t, cfg, out_dir, device, ctx, horizontal_flip=horizontal_flip,
-                    resume=resume, progress=progress, stop_after_epoch=stop_after_epoch, trusted=trusted)
-    finally:
-        if ctx is not None:
-            ctx.close()
+    return _fit(images_t, cand_t, val_t, cfg, out_dir, device, ctx, horizontal_flip=horizontal_flip,
+                resume=resume, progress=progress, stop_after_epoch=stop_after_epoch, trusted=trusted)
 
 
 def _fit(images_t: torch.Tensor, cand_t: torch.Tensor, val_t: tuple[torch.Tensor, torch.Tensor] | None,
