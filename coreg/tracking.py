@@ -16,6 +16,9 @@ comparable in the MLflow UI (same metric names in every run). Names carry the st
 
 The run is created by whichever stage comes first and ended (FINISHED) by the register
 step; a pipeline that fails half-way leaves its run RUNNING with what it had logged.
+A retried task finds the same run, rewrites the same artifact paths, and does not log the
+model again when the run already holds a logged model of the same weights (tag
+``coreg.weights_sha256``); the registry finds the version of the run the same way.
 
 Embedded default: with no tracking server configured the URI is
 ``sqlite:///<absolute path>/mlflow.db`` (MLflow 3.17 refuses a plain ``./mlruns`` store),
@@ -25,6 +28,7 @@ with artifacts in a folder beside the database.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -45,6 +49,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 KFP_RUN_TAG = "kfp_run_id"
+MODEL_NAME = "model"  # the logged model's name in the run
+WEIGHTS_TAG = "coreg.weights_sha256"  # on the logged model: the sha256 of the model.pt it was logged from
 DEFAULT_DB_DIR = "mlruns"
 ARTIFACT_FILES = {
     "annotate": ("annotation_summary.json", "config.yaml"),
@@ -299,8 +305,15 @@ def log_model(cfg: TrackingConfig, run_id: str, train_dir: str | Path) -> str:
     from coreg.train import load_trained
 
     train_dir = Path(train_dir)
-    client_for(cfg)
+    client = client_for(cfg)
     model = load_trained(train_dir / "model.pt", torch.device("cpu"))
+    digest = hashlib.sha256((train_dir / "model.pt").read_bytes()).hexdigest()
+    with _guard("look for the model of an earlier attempt", cfg):
+        ready, pending = _earlier_logged_model(client, run_id, digest)
+    if ready is not None:
+        log.info("run %s already holds these weights as logged model %s (retried task): not logged again",
+                 run_id, ready.model_id)
+        return ready.model_uri
     model.eval()
     arch = getattr(model, "arch", None) or {}
     size = int(arch.get("image_size") or model.image_size)
@@ -313,7 +326,7 @@ def log_model(cfg: TrackingConfig, run_id: str, train_dir: str | Path) -> str:
     with _guard("log the model", cfg), mlflow.start_run(run_id=run_id):
         info = mlflow.pytorch.log_model(
             model,
-            name="model",
+            name=MODEL_NAME,
             serialization_format="pickle",
             pip_requirements=model_requirements(),
             signature=signature,
@@ -323,8 +336,30 @@ def log_model(cfg: TrackingConfig, run_id: str, train_dir: str | Path) -> str:
             # The weights travel as coreg's own model.pt too, so coreg loads them back with
             # torch.load(weights_only=True) instead of unpickling code (see load_registered_model).
             extra_files=[str(train_dir / "model.pt")],
+            tags={WEIGHTS_TAG: digest},
+            # An attempt killed while uploading left its logged model PENDING: complete that one.
+            model_id=pending.model_id if pending is not None else None,
         )
     return info.model_uri
+
+
+def _earlier_logged_model(client: MlflowClient, run_id: str, digest: str) -> tuple[Any | None, Any | None]:
+    """``(ready, pending)``: the model an earlier attempt of this task logged to the run with these weights.
+
+    A retried register task logs the same ``model.pt`` into the same run; MLflow would make a
+    second logged model of it. A READY one is reused as is; a PENDING one (the attempt died
+    while uploading) is completed instead of starting a new one. Other weights are a new model.
+    """
+    from mlflow.entities import LoggedModelStatus
+
+    experiment_id = client.get_run(run_id).info.experiment_id
+    found = [m for m in client.search_logged_models(
+        [experiment_id], filter_string=f"source_run_id = '{run_id}' AND name = '{MODEL_NAME}'")
+        if (m.tags or {}).get(WEIGHTS_TAG) == digest]
+    found.sort(key=lambda m: m.creation_timestamp or 0)
+    ready = next((m for m in found if m.status == LoggedModelStatus.READY), None)
+    pending = next((m for m in found if m.status == LoggedModelStatus.PENDING), None)
+    return ready, pending
 
 
 def load_registered_model(cfg: TrackingConfig, model_uri: str) -> Any:

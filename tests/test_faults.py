@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import subprocess
@@ -137,11 +138,22 @@ def test_crash_while_building_a_stage_folder_keeps_the_old_folder(tmp_path: Path
 # ----------------------------------------------------------------------------- retried pipeline tasks
 
 
-def test_retried_tracking_task_reuses_its_mlflow_run_and_model_version(tmp_path: Path) -> None:
-    """The same KFP run id twice (a retried task): one MLflow run, one registered version."""
-    import mlflow
-    import torch.nn as nn
+def _tiny_train_dir(folder: Path) -> Path:
+    """A train stage folder with a small, real coreg model.pt and its classes (what the register step reads)."""
+    from coreg.contracts import write_classes
+    from coreg.train.network import CoRegEnsemble
+    from coreg.train.trainer import save_model
 
+    folder.mkdir(parents=True)
+    arch = {"backbone": "small_cnn", "in_channels": 1, "image_size": 8, "num_classes": 2, "proj_hidden": 8,
+            "proj_dim": 4}
+    save_model(folder / "model.pt", CoRegEnsemble(arch), 1, None)
+    write_classes(folder, ["a", "b"])
+    return folder
+
+
+def test_retried_tracking_task_reuses_its_mlflow_run_and_model_version(tmp_path: Path) -> None:
+    """The same KFP run id twice (a retried task): one MLflow run, one logged model, one registered version."""
     from coreg import registry, tracking
 
     cfg = tracking.TrackingConfig(uri=f"sqlite:///{tmp_path}/mlflow.db", model_name="faults")
@@ -152,13 +164,28 @@ def test_retried_tracking_task_reuses_its_mlflow_run_and_model_version(tmp_path:
     exp = client.get_experiment_by_name(cfg.experiment)
     assert len(client.search_runs([exp.experiment_id], "tags.kfp_run_id = 'kfp-retry'")) == 1
 
-    with mlflow.start_run(run_id=first):
-        uri1 = mlflow.pytorch.log_model(nn.Linear(2, 2), name="model", serialization_format="pickle").model_uri
+    def logged_models() -> list:
+        return list(client.search_logged_models([exp.experiment_id], filter_string=f"source_run_id = '{first}'"))
+
+    train = _tiny_train_dir(tmp_path / "train")
+    # An attempt killed while uploading the model leaves a PENDING logged model of these weights behind.
+    digest = hashlib.sha256((train / "model.pt").read_bytes()).hexdigest()
+    pending = client.create_logged_model(exp.experiment_id, name="model", source_run_id=first,
+                                         tags={tracking.WEIGHTS_TAG: digest})
+    uri1 = tracking.log_model(cfg, first, train)  # completes the pending model instead of starting another
+    assert uri1 == f"models:/{pending.model_id}"
     v1 = registry.register_version(cfg, uri1, first, {"metric.accuracy": 0.5})
-    # the retry logs the model again (a new logged model) and registers again
-    with mlflow.start_run(run_id=first):
-        uri2 = mlflow.pytorch.log_model(nn.Linear(2, 2), name="model", serialization_format="pickle").model_uri
+    # the retry of the register task: the same weights into the same run, registered again
+    uri2 = tracking.log_model(cfg, first, train)
     v2 = registry.register_version(cfg, uri2, first, {"metric.accuracy": 0.5})
-    assert v1 == v2
+    assert uri1 == uri2 and v1 == v2
+    models = logged_models()
+    assert [(m.model_id, str(m.status)) for m in models] == [(pending.model_id, "READY")]
     assert len(client.search_model_versions(f"name = '{cfg.model_name}'")) == 1
     assert str(client.get_model_version_by_alias(cfg.model_name, registry.CHALLENGER).version) == v1
+    assert tracking.load_registered_model(cfg, uri2).arch["num_classes"] == 2
+
+    # other weights in the same run (a task rerun after retraining) are a new logged model
+    _tiny_train_dir(tmp_path / "retrained")
+    uri3 = tracking.log_model(cfg, first, tmp_path / "retrained")
+    assert uri3 != uri1 and len(logged_models()) == 2
