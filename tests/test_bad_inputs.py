@@ -191,6 +191,13 @@ def manifest_symlink_escape(tmp: Path) -> tuple[list[str], str]:
     return ["annotate", *_manifest_args(path)], "is outside the data root"
 
 
+def folder_symlink_escape(tmp: Path) -> tuple[list[str], str]:
+    outside = _png(tmp / "secret.png")
+    root = _class_folder(tmp / "imgs")
+    (root / "dog" / "link.png").symlink_to(outside)
+    return ["annotate", *_folder_args(root)], f"{root}/dog/link.png: symlink leads outside the data root"
+
+
 def empty_class_name(tmp: Path) -> tuple[list[str], str]:
     return ["annotate", "--set", "data.class_names=[zero, '', two, three, four, five, six, seven, eight, nine]"], \
         "class name #1 is empty"
@@ -389,6 +396,7 @@ CASES: dict[str, Case] = {f.__name__: f for f in [
     manifest_duplicate_ids, manifest_missing_file, manifest_empty_path_cell, manifest_unknown_label,
     manifest_no_rows, manifest_not_a_table, manifest_wrong_suffix,
     manifest_path_escapes_with_dotdot, manifest_absolute_path_outside_root, manifest_symlink_escape,
+    folder_symlink_escape,
     empty_class_name, duplicate_class_name, flat_folder_duplicate_class_names,
     config_wrong_type, config_out_of_range, config_unknown_key, config_unknown_section,
     config_file_not_yaml, config_file_missing, config_not_a_mapping,

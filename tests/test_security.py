@@ -1,4 +1,4 @@
-"""Security: secrets never reach outputs, logs or MLflow; torch.load is weights-only; manifest paths stay in root."""
+"""Security: secrets never reach outputs, logs or MLflow; torch.load is weights-only; data paths stay in root."""
 
 from __future__ import annotations
 
@@ -162,3 +162,41 @@ def test_data_root_can_be_widened_explicitly(tmp_path: Path, monkeypatch: pytest
     assert load_dataset(widened).sample_ids == ["../images/a.png"]
     monkeypatch.setenv("COREG_DATA_ROOT", str(tmp_path / "shared"))
     assert load_dataset(cfg).sample_ids == ["../images/a.png"]
+
+
+@pytest.mark.parametrize("layout", ["file_link", "class_folder_link", "flat_file_link"])
+def test_folder_symlinks_cannot_escape_the_data_root(tmp_path: Path, layout: str) -> None:
+    """A folder source follows symlinks only while they stay inside it; one leading out is refused by name."""
+    outside = tmp_path / "elsewhere"
+    _png(outside / "secret.png")
+    root = tmp_path / "data"
+    _png(root / "cat" / "a.png")
+    _png(root / "dog" / "b.png")
+    link = {"file_link": root / "dog" / "link.png", "class_folder_link": root / "cow"}.get(layout)
+    names = None
+    if layout == "flat_file_link":
+        root = tmp_path / "flat"
+        _png(root / "a.png")
+        link, names = root / "link.png", ["cat", "dog"]
+    link.symlink_to(outside / "secret.png" if link.suffix else outside)
+    named = link if link.suffix else link / "secret.png"
+    cfg = DataConfig(source="folder", path=str(root), class_names=names)
+    with pytest.raises(CoregError, match="outside the data root") as err:
+        load_dataset(cfg)
+    assert str(err.value).startswith(f"{named}: symlink leads outside the data root {root.resolve()}")
+    assert "\n" not in str(err.value)
+    # data.root (or $COREG_DATA_ROOT) widens the root on purpose, as for manifests
+    widened = load_dataset(cfg.model_copy(update={"root": str(tmp_path)}))
+    assert str((outside / "secret.png").resolve()) in widened.paths
+
+
+def test_folder_symlinks_inside_the_data_root_keep_working(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    _png(root / "cat" / "a.png")
+    _png(root / "shared" / "b.png")
+    (root / "dog").mkdir()
+    (root / "dog" / "b.png").symlink_to(root / "shared" / "b.png")
+    (root / "cow").symlink_to(root / "shared")
+    ds = load_dataset(DataConfig(source="folder", path=str(root)))
+    assert ds.sample_ids == ["cat/a.png", "cow/b.png", "dog/b.png", "shared/b.png"]
+    assert ds.paths[1] == ds.paths[2] == str((root / "shared" / "b.png").resolve())

@@ -143,7 +143,11 @@ def _hidden_part(path: Path, root: Path) -> bool:
 
 
 def _load_folder(cfg: DataConfig) -> ImageDataset:
-    """One sub-folder per class (labels known), or a flat folder plus ``data.class_names``."""
+    """One sub-folder per class (labels known), or a flat folder plus ``data.class_names``.
+
+    Symlinks are followed only while they stay inside the folder (or ``data.root`` /
+    ``$COREG_DATA_ROOT`` when set): one leading elsewhere is an error naming the file.
+    """
     root = Path(str(cfg.path)).expanduser()
     if not root.exists():
         raise CoregError(f"{root}: image folder not found (data.path)")
@@ -156,6 +160,26 @@ def _load_folder(cfg: DataConfig) -> ImageDataset:
     if class_dirs:
         return _load_class_folders(cfg, root, class_dirs, entries)
     return _load_flat_folder(cfg, root)
+
+
+def folder_roots(root: Path, configured: str | None = None) -> list[Path]:
+    """Where the images of a folder source may really live (symlinks followed): the folder itself,
+    and ``data.root`` (else ``$COREG_DATA_ROOT``) when set."""
+    configured = configured or os.environ.get(DATA_ROOT_ENV, "").strip()
+    roots = [root.expanduser().resolve()]
+    return [*roots, Path(configured).expanduser().resolve()] if configured else roots
+
+
+def _resolve_inside(paths: list[Path], roots: list[Path]) -> list[str]:
+    """The real paths of a folder's images; a symlink (to a file or a folder) leading out of the roots is refused."""
+    resolved = []
+    for path in paths:
+        real = path.resolve()
+        if not any(real.is_relative_to(r) for r in roots):
+            raise CoregError(f"{path}: symlink leads outside the data root {roots[0]} "
+                             f"(set data.root or {DATA_ROOT_ENV} to allow another folder)")
+        resolved.append(str(real))
+    return resolved
 
 
 def _load_class_folders(cfg: DataConfig, root: Path, class_dirs: list[Path], entries: list[Path]) -> ImageDataset:
@@ -184,7 +208,7 @@ def _load_class_folders(cfg: DataConfig, root: Path, class_dirs: list[Path], ent
         labels += [index[d.name]] * len(files)
     if not paths:
         raise CoregError(f"{root}: no images found in the class sub-folders (extensions: {_extensions()})")
-    return _file_dataset(root, paths, names, np.asarray(labels, dtype=np.int64))
+    return _file_dataset(cfg, root, paths, names, np.asarray(labels, dtype=np.int64))
 
 
 def _load_flat_folder(cfg: DataConfig, root: Path) -> ImageDataset:
@@ -194,17 +218,19 @@ def _load_flat_folder(cfg: DataConfig, root: Path) -> ImageDataset:
     if cfg.class_names is None:
         raise CoregError(f"{root}: a flat image folder needs data.class_names (or one sub-folder per class)")
     validate_class_names(cfg.class_names, "data.class_names")
-    return _file_dataset(root, paths, list(cfg.class_names), np.full(len(paths), -1, dtype=np.int64))
+    return _file_dataset(cfg, root, paths, list(cfg.class_names), np.full(len(paths), -1, dtype=np.int64))
 
 
-def _file_dataset(root: Path, paths: list[Path], names: list[str], labels: np.ndarray) -> ImageDataset:
+def _file_dataset(cfg: DataConfig, root: Path, paths: list[Path], names: list[str],
+                  labels: np.ndarray) -> ImageDataset:
+    real = _resolve_inside(paths, folder_roots(root, cfg.root))
     ids = [p.relative_to(root).as_posix() for p in paths]
     order = np.argsort(np.asarray(ids, dtype=object), kind="stable")
     return ImageDataset(
         sample_ids=[ids[i] for i in order],
         class_names=names,
         labels=labels[order],
-        paths=[str(paths[i].resolve()) for i in order],
+        paths=[real[i] for i in order],
         source=str(root),
     )
 
