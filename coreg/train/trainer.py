@@ -496,6 +496,18 @@ def _batches(run: _Run, indices: np.ndarray, seed: int, cycle: bool) -> Iterator
             return
 
 
+def _test_pause(epoch: int, step: int) -> None:
+    """Test hook, off by default: with ``COREG_TEST_PAUSE_AT_STEP=<epoch>:<step>:<marker file>`` set, after
+    Co-Reg step ``<step>`` (0-based) of ``<epoch>`` (1-based, as in history.json) write the marker and sleep,
+    so tests/test_faults.py can SIGKILL training mid-epoch without guessing how long an epoch lasts."""
+    import os
+
+    spec = os.environ.get("COREG_TEST_PAUSE_AT_STEP", "").split(":", 2)
+    if len(spec) == 3 and spec[:2] == [str(epoch + 1), str(step)]:
+        Path(spec[2]).write_text(f"{epoch + 1}:{step}\n", encoding="utf-8")
+        time.sleep(3600)
+
+
 def _train_coreg_net(run: _Run, state: _State, epoch: int, net_id: int, peer_aligned: torch.Tensor,
                      weights: np.ndarray, clean: np.ndarray, clean_sizes: tuple[int, int]) -> dict[str, float]:
     """One epoch of one net on its peer's split."""
@@ -526,6 +538,7 @@ def _train_coreg_net(run: _Run, state: _State, epoch: int, net_id: int, peer_ali
                 sums[key] = sums.get(key, 0.0) + value
             bar.update(1)
             bar.set_postfix(loss=f"{stats['loss']:.3f}", clean=f"{clean_sizes[0]}/{clean_sizes[1]}")
+            _test_pause(epoch, step)
     return {k: v / steps for k, v in sums.items()}
 
 
