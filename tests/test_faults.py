@@ -158,11 +158,17 @@ def _tiny_train_dir(folder: Path) -> Path:
     return folder
 
 
-def test_retried_tracking_task_reuses_its_mlflow_run_and_model_version(tmp_path: Path) -> None:
-    """The same KFP run id twice (a retried task): one MLflow run, one logged model, one registered version."""
+@pytest.mark.parametrize("store", ["sqlite", "server"])
+def test_retried_tracking_task_reuses_its_mlflow_run_and_model_version(tmp_path: Path, store: str,
+                                                                       request: pytest.FixtureRequest) -> None:
+    """The same KFP run id twice (a retried task): one MLflow run, one logged model, one registered version.
+
+    Against the embedded store and the real tracking server (REST, artifacts proxied to S3).
+    """
     from coreg import registry, tracking
 
-    cfg = tracking.TrackingConfig(uri=f"sqlite:///{tmp_path}/mlflow.db", model_name="faults")
+    uri = f"sqlite:///{tmp_path}/mlflow.db" if store == "sqlite" else request.getfixturevalue("mlflow_server").uri
+    cfg = tracking.TrackingConfig(uri=uri, experiment=f"faults-{store}", model_name=f"faults-{store}")
     first = tracking.start_or_resume_run(cfg, "kfp-retry", {"train": {"epochs": 1}})
     again = tracking.start_or_resume_run(cfg, "kfp-retry", {"train": {"epochs": 1}})
     assert first == again
