@@ -80,7 +80,10 @@ def _run_params(p: argparse.ArgumentParser) -> None:
 def _cluster(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image", default=None, help="container image of every component (default: COREG_IMAGE)")
     p.add_argument("--no-gpu", action="store_true", help="no GPU request, toleration or node selector")
-    p.add_argument("--gpu-count", type=int, default=1, help="GPUs of the train task")
+    p.add_argument("--gpu-count", type=int, default=1, help="GPUs of the train task (per node with --train-nodes)")
+    p.add_argument("--train-nodes", type=int, default=1, metavar="N",
+                   help="N > 1: train on a Kubeflow Trainer TrainJob of N nodes (needs --storage-uri at run "
+                        "time; see docs/deploy.md)")
 
 
 def _client_args(p: argparse.ArgumentParser) -> None:
@@ -178,7 +181,10 @@ def params_from_args(args: argparse.Namespace) -> PipelineParams:
 
 def cluster_options(args: argparse.Namespace) -> Any:
     module = _import_pipeline()
-    return module.ClusterOptions(image=args.image, gpu=not args.no_gpu, gpu_count=args.gpu_count)
+    if args.train_nodes < 1:
+        raise CoregError(f"--train-nodes {args.train_nodes}: at least 1")
+    return module.ClusterOptions(image=args.image, gpu=not args.no_gpu, gpu_count=args.gpu_count,
+                                 train_nodes=args.train_nodes)
 
 
 def compile_package(out: Path, options: Any = None) -> Path:

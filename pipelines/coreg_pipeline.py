@@ -16,6 +16,14 @@ YAML serves every run and schedule:
 Cluster settings (GPU, tolerations, node selector, /dev/shm, requests, retries, secrets)
 are fixed at compile time; the local runner ignores them, and ``gpu=False`` leaves the GPU
 request out of the IR for CPU-only clusters.
+
+Multi-node training is a compile-time choice too: with ``train_nodes > 1`` the ``train`` task
+is replaced by ``train-trainjob`` (``components/trainjob``), a small CPU pod that runs the
+training on a Kubeflow Trainer TrainJob of ``train_nodes`` GPU nodes (``coreg.trainjob``) and
+outputs the same ``model`` artifact, so evaluate and register are unchanged. A compile-time
+switch rather than ``dsl.If`` on a parameter: the model artifact of two branches could not be
+merged in the local runner (see ``downstream``), and ``train_nodes=1`` (the default, and what
+``coreg pipeline run --local`` uses) compiles exactly the single-node pipeline.
 """
 
 from typing import Any
@@ -30,6 +38,7 @@ from components.evaluate.component import evaluate
 from components.image import component, current_image
 from components.register.component import register
 from components.train.component import train
+from components.trainjob.component import train_trainjob
 
 PIPELINE_NAME = "coreg"
 S3_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")
@@ -62,6 +71,28 @@ class ClusterOptions(BaseModel):
     stage_retries: int = Field(1, description="Retries of the other tasks (a flaky S3 or MLflow), with backoff.")
     s3_secret: str | None = Field("coreg-s3", description="Secret with AWS_* keys; None: no S3 env.")
     mlflow_secret: str | None = Field("coreg-mlflow", description="Secret with MLFLOW_* keys; None: none.")
+    train_nodes: int = Field(1, ge=1, le=1024, description="Nodes of the training; > 1: a Kubeflow Trainer "
+                             "TrainJob (train-trainjob task) instead of the in-pod train task.")
+    train_procs_per_node: int | None = Field(
+        None, ge=1, description="torchrun processes per TrainJob node; default: gpu_count (1 without GPUs).")
+    trainjob_runtime: str = Field("torch-distributed", description="ClusterTrainingRuntime of the TrainJob.")
+    trainjob_namespace: str = Field("", description="Namespace of the TrainJob; empty: the pipeline run's.")
+    trainjob_timeout_s: int = Field(7 * 24 * 3600, ge=1, description="Seconds the launcher waits for the TrainJob.")
+
+    def trainjob_options(self, image: str) -> dict[str, Any]:
+        """The TrainJob settings the train-trainjob task gets (validated by coreg.trainjob.TrainJobOptions)."""
+        from coreg.trainjob import TrainJobOptions, validated
+
+        gpus = self.gpu_count if self.gpu else 0
+        options = validated(
+            TrainJobOptions, "ClusterOptions (TrainJob)", num_nodes=self.train_nodes,
+            procs_per_node=self.train_procs_per_node or max(gpus, 1), gpus_per_node=gpus,
+            gpu_resource=self.gpu_type, cpu=self.train_cpu, memory=self.train_memory, image=image,
+            runtime=self.trainjob_runtime, namespace=self.trainjob_namespace,
+            tolerations=[t.model_dump() for t in self.tolerations] if self.gpu else [],
+            node_selector=dict(self.node_selector) if self.gpu else {}, shm_size=self.shm_size,
+            s3_secret=self.s3_secret, mlflow_secret=self.mlflow_secret, timeout_s=self.trainjob_timeout_s)
+        return options.as_parameter()
 
 
 def _with_secrets(task: Any, opts: ClusterOptions) -> Any:
@@ -97,6 +128,15 @@ def _train_resources(task: Any, opts: ClusterOptions) -> Any:
     return task
 
 
+def _launcher_resources(task: Any, opts: ClusterOptions) -> Any:
+    """The train-trainjob task: a small CPU pod; a retry attaches to the TrainJob it already created."""
+    task.set_cpu_request(opts.stage_cpu).set_memory_request(opts.stage_memory)
+    if opts.retries:
+        task.set_retry(num_retries=opts.retries, backoff_duration="60s", backoff_factor=2,
+                       backoff_max_duration="3600s")
+    return task
+
+
 def build_pipeline(options: ClusterOptions | None = None) -> Any:
     """A KFP pipeline function with the given cluster options baked in."""
     opts = options or ClusterOptions()
@@ -104,6 +144,8 @@ def build_pipeline(options: ClusterOptions | None = None) -> Any:
     annotate_op, aggregate_op, train_op = component(annotate, image), component(aggregate, image), \
         component(train, image)
     evaluate_op, register_op = component(evaluate, image), component(register, image)
+    trainjob_op = component(train_trainjob, image)
+    trainjob_options = opts.trainjob_options(image) if opts.train_nodes > 1 else None
 
     @dsl.pipeline(name=PIPELINE_NAME, description="Train an image classifier without human labels (coreg), "
                   "track it in MLflow and promote it when it beats the champion.")
@@ -134,9 +176,15 @@ def build_pipeline(options: ClusterOptions | None = None) -> Any:
             aggregate_task = _with_secrets(_stage_resources(aggregate_op(annotations=annotations, **common), opts),
                                            opts)
             aggregate_task.set_display_name("aggregate")
-            train_task = _with_secrets(_train_resources(
-                train_op(candidates=aggregate_task.outputs["candidates"], **common), opts), opts)
-            train_task.set_display_name("train")
+            if trainjob_options is None:
+                train_task = _with_secrets(_train_resources(
+                    train_op(candidates=aggregate_task.outputs["candidates"], **common), opts), opts)
+                train_task.set_display_name("train")
+            else:  # multi-node: the same model output, trained by a TrainJob this task creates and follows
+                train_task = _with_secrets(_launcher_resources(trainjob_op(
+                    candidates=aggregate_task.outputs["candidates"], trainjob=trainjob_options, **common), opts),
+                    opts)
+                train_task.set_display_name(f"train-trainjob-{opts.train_nodes}-nodes")
             evaluate_task = _with_secrets(_stage_resources(evaluate_op(
                 model=train_task.outputs["model"], annotations=annotations,
                 candidates=aggregate_task.outputs["candidates"], **common), opts), opts)

@@ -125,3 +125,48 @@ def test_gpu_settings_can_be_switched_off(tmp_path, monkeypatch):
     assert "accelerator" not in resources
     assert not k8s["exec-train"].tolerations
     assert k8s["exec-train"].empty_dir_mounts  # /dev/shm still helps DataLoader workers on CPU
+
+
+def test_default_pipeline_trains_in_pod_without_a_trainjob(compiled):
+    spec, _ = compiled
+    executors = spec.deployment_spec.fields["executors"].struct_value.fields
+    assert not [name for name in executors if "trainjob" in name]
+    assert {"train", "train-2"} <= set(_all_tasks(spec))
+
+
+@pytest.mark.parametrize("suffix", ["", "-2"])
+def test_train_nodes_swaps_train_for_the_trainjob_launcher(tmp_path, monkeypatch, suffix):
+    spec, k8s = _compile(tmp_path, monkeypatch, "--train-nodes", "3", "--gpu-count", "2")
+    executors = spec.deployment_spec.fields["executors"].struct_value.fields
+    assert f"exec-train-trainjob{suffix}" in executors and f"exec-train{suffix}" not in executors
+    tasks = _all_tasks(spec)
+    launcher = tasks[f"train-trainjob{suffix}"]
+    assert f"train{suffix}" not in tasks
+    # evaluate and register read the launcher's model, exactly as they read train's.
+    for consumer in (f"evaluate{suffix}", f"register{suffix}"):
+        model = tasks[consumer].inputs.artifacts["model"].task_output_artifact
+        assert model.producer_task == f"train-trainjob{suffix}"
+    # The TrainJob settings are a compile-time constant: 3 nodes x 2 GPUs, one process per GPU.
+    options = json_format.MessageToDict(launcher.inputs.parameters["trainjob"].runtime_value.constant)
+    assert (options["num_nodes"], options["gpus_per_node"], options["procs_per_node"]) == (3, 2, 2)
+    assert options["image"] == IMAGE and options["runtime"] == "torch-distributed"
+    assert options["cpu"] == "4" and options["memory"] == "16G"
+    from coreg.trainjob import TrainJobOptions
+
+    TrainJobOptions(**options)  # what the task will validate at run time
+    # The launcher is a small CPU pod with retries (a retry attaches to the TrainJob) and the secrets.
+    container = executors[f"exec-train-trainjob{suffix}"].struct_value.fields["container"].struct_value
+    assert container.fields["image"].string_value == IMAGE
+    resources = container.fields["resources"].struct_value.fields
+    assert "accelerator" not in resources and resources["resourceCpuRequest"].string_value == "1"
+    assert launcher.retry_policy.max_retry_count == 2
+    config = k8s[f"exec-train-trainjob{suffix}"]
+    assert not config.tolerations and not config.empty_dir_mounts
+    assert {s.secret_name for s in config.secret_as_env} == {"coreg-s3", "coreg-mlflow"}
+
+
+def test_train_nodes_must_be_positive(tmp_path, monkeypatch):
+    from coreg.errors import CoregError
+
+    with pytest.raises(CoregError, match="--train-nodes 0"):
+        _compile(tmp_path, monkeypatch, "--train-nodes", "0")
