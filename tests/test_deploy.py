@@ -514,3 +514,54 @@ def test_trainjob_runs_coreg_train_under_torchrun_with_a_valid_config(rendered: 
     assert config.train.device == "cuda"
     env = {e["name"] for e in trainjob["spec"]["trainer"]["env"]}
     assert set(_pipeline_env_keys()["coreg-s3"]) <= env and "MLFLOW_TRACKING_URI" in env
+
+
+# --- the TrainJob the pipeline's train-trainjob task creates (coreg/trainjob.py) ----------------
+
+@pytest.mark.parametrize("name", DEPLOY_TARGETS)
+def test_rbac_lets_the_pipeline_create_and_follow_trainjobs(rendered: dict, name: str) -> None:
+    from coreg.trainjob import GROUP, PLURAL, REQUIRED_VERBS
+
+    role = _one(rendered, name, "Role", "coreg-pipeline-runner")
+    rules = [r for r in role["rules"] if GROUP in r.get("apiGroups", []) and PLURAL in r.get("resources", [])]
+    verbs = {v for r in rules for v in r["verbs"]}
+    assert set(REQUIRED_VERBS) <= verbs, f"the launcher needs {REQUIRED_VERBS} on {PLURAL}.{GROUP}"
+    assert not verbs & {"delete", "deletecollection", "patch", "update", "*"}, verbs
+    assert not any(r.get("resourceNames") for r in rules), "TrainJob names are per run: no resourceNames"
+
+
+def _pipeline_trainjob() -> dict[str, Any]:
+    """The TrainJob the launcher renders with the pipeline's default cluster options and 2 nodes."""
+    from coreg.config import DEFAULT_CONFIG
+    from coreg.trainjob import TrainJobOptions, TrainJobSpec, trainjob_name
+    from pipelines.coreg_pipeline import ClusterOptions
+
+    default = re.search(r'DEFAULT_IMAGE = "([^"]+)"', (REPO / "components" / "image.py").read_text()).group(1)
+    options = TrainJobOptions(**ClusterOptions(train_nodes=2, gpu_count=2).trainjob_options(default))
+    run_id = "0b6f7c1e-2d3a-4b5c-8d9e-0f1a2b3c4d5e"
+    return TrainJobSpec(name=trainjob_name(run_id), namespace="coreg", kfp_run_id=run_id,
+                        config_yaml=DEFAULT_CONFIG.read_text(), candidates_uri=f"s3://coreg/runs/{run_id}/aggregate",
+                        output_uri=f"s3://coreg/runs/{run_id}/train", options=options).render()
+
+
+def test_pipeline_trainjob_uses_the_trainer_api_fields_and_a_safe_pod(tmp_path: Path) -> None:
+    trainjob = _pipeline_trainjob()
+    spec, trainer = trainjob["spec"], trainjob["spec"]["trainer"]
+    assert set(spec) <= _TRAINJOB_SPEC and set(trainer) <= _TRAINER
+    assert spec["runtimeRef"]["name"] == "torch-distributed" and trainer["numNodes"] == 2
+    assert trainer["numProcPerNode"] == int(trainer["resourcesPerNode"]["limits"]["nvidia.com/gpu"]) == 2
+    pod = _trainjob_pod(trainjob)
+    assert set(pod) <= _POD_PATCH and all(set(c) <= _CONTAINER_PATCH for c in pod["containers"])
+    _check_pod_security("pipeline TrainJob node", pod)
+    # The same placement and secrets as the pipeline's train task and the hand-applied TrainJob.
+    assert any(t["key"] == "nvidia.com/gpu" for t in pod["tolerations"])
+    env = {e["name"] for e in trainer["env"]}
+    assert set(_pipeline_env_keys()["coreg-s3"]) <= env and "MLFLOW_TRACKING_URI" in env
+    # Its metadata passes the schema checks; only the custom kind itself has no schema.
+    file = tmp_path / "trainjob.yaml"
+    file.write_text(yaml.safe_dump(trainjob))
+    proc = _run([_tool("kubernetes-validate"), "-k", "1.33", "--strict", str(file)])
+    lines = (proc.stdout + proc.stderr).splitlines()
+    assert proc.returncode == 0 and not [ln for ln in lines if ln.startswith("ERROR")], lines
+    warnings = [ln for ln in lines if ln.startswith("WARN")]
+    assert len(warnings) == 1 and "kind TrainJob" in warnings[0], warnings
