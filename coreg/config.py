@@ -48,8 +48,9 @@ class DataConfig(_Section):
     )
     root: str | None = Field(
         None,
-        description="Folder every manifest path must stay inside (symlinks followed). Default: $COREG_DATA_ROOT "
-        "when set, else the manifest's own folder. Keeps a manifest from reading files it should not.",
+        description="Folder every manifest path, and every image file of a folder source, must stay inside "
+        "(symlinks followed). Default: $COREG_DATA_ROOT when set, else the manifest's (or image folder's) own "
+        "folder. Keeps a manifest or a symlink from reading files it should not.",
     )
     path_column: str = Field("path", description="Manifest column with the image path or URI.")
     id_column: str | None = Field(
