@@ -12,16 +12,18 @@ real training pods. What is tested:
   answers 409 AlreadyExists to a duplicate create and plays scripted status conditions. The
   official ``kubernetes`` client is not mocked: a real ``kubernetes.client.ApiClient`` talks
   HTTP to that server;
-* the whole ``train-trainjob`` step with the S3 test server (moto): the step publishes the
-  aggregate folder, the stand-in "cluster" runs the real per-node ``prepare``/``publish`` steps
-  of the created TrainJob with the env it carries (``torchrun coreg train`` replaced by a dummy
-  train folder: distributed training itself is tested in tests/test_distributed.py), and the
-  step downloads the published train folder as its output.
+* the whole ``train-trainjob`` step with the S3 test server (moto) and the real MLflow server: the
+  step publishes a real (tiny digits) aggregate folder, the stand-in "cluster" runs what node rank 0
+  of the created TrainJob runs with the env it carries (the real ``prepare`` step, the node
+  script's ``coreg train`` command as one process instead of under ``torchrun``: distributed
+  training itself is tested in tests/test_distributed.py; then the real ``publish`` step), and the
+  step downloads the published train folder as its output and logs it to the run's MLflow run.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import threading
 from collections.abc import Callable, Iterator
@@ -39,6 +41,7 @@ from coreg.trainjob import (
     GROUP,
     PLURAL,
     RUN_ID_ANNOTATION,
+    SCRATCH,
     VERSION,
     TrainJobOptions,
     TrainJobSpec,
@@ -454,56 +457,114 @@ def test_wait_times_out_with_the_last_state(cluster: FakeCluster, api_client: An
 
 
 # ----------------------------------------------------------------------------- the pipeline step, end to end
+# A tiny digits run: 200 images, 3 annotators; the training budget travels as run overrides (StepSettings),
+# so it reaches the nodes inside the TrainJob's COREG_CONFIG_YAML as in production.
+DATA = ["data.limit=200", "annotate.num_annotators=3"]
+BUDGET = ["train.epochs=2", "train.warmup_epochs=1", "train.rampup_epochs=1", "train.reg_start_offset=0",
+          "train.batch_size=32", "train.warmup_batch_size=32", "train.queue_size=64", "train.proj_hidden=64",
+          "train.proj_dim=32", "train.device=cpu", "train.num_workers=0"]
+
+
+@pytest.fixture(scope="module")
+def aggregated(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real aggregate folder: ``coreg annotate`` + ``coreg aggregate`` on 200 digits with 3 annotators."""
+    from coreg.cli import main
+
+    out = tmp_path_factory.mktemp("trainjob-digits")
+    args = ["--quiet", "--set", f"output_dir={out}"]
+    for item in DATA:
+        args += ["--set", item]
+    assert main(["annotate", *args]) == 0
+    assert main(["aggregate", *args]) == 0
+    return out / "aggregate"
+
+
+def _node_train_argv(obj: dict[str, Any], scratch: Path) -> list[str]:
+    """The ``coreg train`` command of the TrainJob's node script, without torchrun, on a local scratch folder."""
+    import shlex
+
+    (script,) = obj["spec"]["trainer"]["args"]
+    (line,) = [ln for ln in script.splitlines() if ln.startswith("torchrun ")]
+    argv = shlex.split(line.replace(SCRATCH, str(scratch)))
+    return argv[argv.index("coreg") + 1:]
+
+
 def test_launch_step_publishes_inputs_runs_the_node_steps_and_fetches_the_model(
-        cluster: FakeCluster, api_client: Any, s3_server: Any, tmp_path: Path,
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    from coreg import steps, trainjob
+        cluster: FakeCluster, api_client: Any, s3_server: Any, mlflow_server: Any, aggregated: Path,
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ``train-trainjob`` step against S3 (moto) and a real MLflow server; the stand-in cluster plays the nodes.
+
+    When the scripted status turns Complete, the "cluster" runs what node rank 0 of the created TrainJob
+    runs, with the env it carries: the real ``prepare`` step, the node script's ``coreg train`` command on
+    the prepared scratch folder, then the real ``publish`` step. ``coreg train`` runs as one process
+    (in-process ``coreg.cli.main``) rather than under ``torchrun``: starting torchrun here costs too much,
+    and distributed training itself is tested in tests/test_distributed.py.
+    """
+    import boto3
+    import mlflow
+
+    from coreg import trainjob
+    from coreg.cli import main as coreg_main
     from coreg.steps import StepSettings
-    from coreg.storage import read_manifest
+    from coreg.storage import read_manifest, split_s3
+    from coreg.tracking import KFP_RUN_TAG
 
     storage_uri = f"s3://{s3_server.bucket}/trainjob-runs"
-    candidates = tmp_path / "aggregate"
-    candidates.mkdir()
-    (candidates / "candidates.parquet").write_bytes(b"candidate sets")
+    scratch = tmp_path / "node-0-scratch"
     ran: list[str] = []
 
     def play_the_nodes(obj: dict[str, Any]) -> None:
-        """What every node does, with the env of the created TrainJob; torchrun replaced by a dummy folder."""
-        scratch = tmp_path / "node-0-scratch"
+        """What node rank 0 does, with the env of the created TrainJob (its /scratch mapped to a temp folder)."""
         with monkeypatch.context() as env:
             for item in obj["spec"]["trainer"]["env"]:
                 if "value" in item:
-                    env.setenv(item["name"], item["value"])
-            env.setenv("COREG_SCRATCH", str(scratch))
+                    env.setenv(item["name"], item["value"].replace(SCRATCH, str(scratch))
+                               if item["value"].startswith(SCRATCH) else item["value"])
+            assert os.environ["COREG_SCRATCH"] == str(scratch)
             assert trainjob.main(["prepare"]) == 0
-            assert (scratch / "aggregate" / "candidates.parquet").read_bytes() == b"candidate sets"
+            for name in ("candidates.parquet", "classes.json", "samples.parquet"):
+                assert (scratch / "aggregate" / name).read_bytes() == (aggregated / name).read_bytes()
             config = yaml.safe_load((scratch / "config.yaml").read_text())
-            assert config["train"]["epochs"] == 30
-            (scratch / "train").mkdir()
-            (scratch / "train" / "model.pt").write_bytes(b"weights")
-            (scratch / "train" / "history.json").write_text("[]")
+            assert config["train"]["epochs"] == 2 and config["data"]["limit"] == 200
+            assert coreg_main(_node_train_argv(obj, scratch)) == 0
             assert trainjob.main(["publish"]) == 0
         ran.append(obj["metadata"]["name"])
 
     cluster.on_complete = play_the_nodes
     name = trainjob_name(RUN_ID)
     cluster.script[name] = [_conditions("Created"), _conditions("Created", "Complete")]
-    tracked: list[tuple[str, Path]] = []
-    # MLflow logging of a train folder is tested with the train step (tests/test_mlops_tracking.py).
-    monkeypatch.setattr(steps, "track", lambda resolved, settings, stage, folder: tracked.append(
-        (stage, Path(folder))) or "mlflow-run-1")
     settings = StepSettings(kfp_run_id=RUN_ID, run_name="nightly", storage_uri=storage_uri,
-                            overrides=["train.epochs=30"])
+                            tracking_uri=mlflow_server.uri, experiment="trainjob", overrides=[*DATA, *BUDGET])
     out = tmp_path / "model-artifact"
-    result = trainjob.launch_step(settings, _options(namespace=NAMESPACE).as_parameter(), str(candidates),
+    result = trainjob.launch_step(settings, _options(namespace=NAMESPACE).as_parameter(), str(aggregated),
                                   str(out), api_client=api_client, sleep=_no_sleep)
     assert ran == [name]
     assert read_manifest(f"{storage_uri}/{RUN_ID}/aggregate").meta["stage"] == "aggregate"
-    assert (out / "model.pt").read_bytes() == b"weights"
     assert result["published_uri"] == f"{storage_uri}/{RUN_ID}/train"
-    assert result["trainjob"] == f"{NAMESPACE}/{name}" and result["mlflow_run_id"] == "mlflow-run-1"
-    assert tracked == [("train", out)]
-    assert read_manifest(result["published_uri"]).meta == {"stage": "train", "kfp_run_id": RUN_ID, "trainjob": name}
+    assert result["trainjob"] == f"{NAMESPACE}/{name}"
+    manifest = read_manifest(result["published_uri"])
+    assert manifest.meta == {"stage": "train", "kfp_run_id": RUN_ID, "trainjob": name}
+    assert {"model.pt", "history.json"} <= {f.path for f in manifest.files}
+    # The fetched model is the published one, which is what the node trained.
+    bucket, prefix = split_s3(result["published_uri"])
+    published = boto3.client("s3").get_object(Bucket=bucket, Key=f"{prefix}/model.pt")["Body"].read()
+    assert (out / "model.pt").read_bytes() == published == (scratch / "train" / "model.pt").read_bytes()
+    history = json.loads((out / "history.json").read_text())
+    assert len(history) == 2
+
+    # The real MLflow run of this pipeline run holds the train stage. Both URIs explicit: the fluent
+    # API's are process-global and another test may have pointed them elsewhere.
+    client = mlflow.MlflowClient(tracking_uri=mlflow_server.uri, registry_uri=mlflow_server.uri)
+    exp = client.get_experiment_by_name("trainjob")
+    (run,) = client.search_runs([exp.experiment_id], filter_string=f"tags.{KFP_RUN_TAG} = '{RUN_ID}'")
+    assert result["mlflow_run_id"] == run.info.run_id
+    assert run.info.run_name == "nightly"
+    assert run.data.params["train.epochs"] == "2" and run.data.params["data.limit"] == "200"
+    assert run.data.tags["coreg.stages_done"] == "train"
+    assert run.data.metrics["train.epochs_run"] == 2.0
+    losses = client.get_metric_history(run.info.run_id, "train.loss")
+    assert sorted(m.step for m in losses) == [int(h["epoch"]) for h in history]
+    assert {f.path for f in client.list_artifacts(run.info.run_id, "train")} == {"train/history.json"}
 
 
 def test_component_is_a_thin_wrapper_with_the_train_interface() -> None:
