@@ -15,6 +15,7 @@ from coreg.train import trainer as trainer_module
 from coreg.train.backbones import build_backbone
 from coreg.train.clean_split import LossHistory, gmm_clean_weights
 from coreg.train.network import CoRegEnsemble, CoRegNet
+from coreg.train.trainer import clean_class_counts
 
 K = 4
 SIZE = 16
@@ -114,6 +115,20 @@ def test_learns_above_candidate_noise(reference_run: FitResult, data: dict[str, 
     last = reference_run.history[-1]
     assert last["regularisers"] and last["l_con"] > 0 and last["l_proto"] > 0  # every loss path ran
     assert last["clean_net1"] > 0 and last["clean_net2"] > 0
+    # Per-class clean counts (by pseudo-label) partition each net's clean split.
+    k = data["cand"].shape[1]
+    assert [len(c) for c in last["per_class_clean"]] == [k, k]
+    assert [sum(c) for c in last["per_class_clean"]] == [last["clean_net1"], last["clean_net2"]]
+    assert last["classes_without_clean"] == max(c.count(0) for c in last["per_class_clean"])
+    assert reference_run.history[0]["per_class_clean"] is None  # warm-up has no split
+
+
+def test_clean_class_counts_use_the_pseudo_label_within_the_candidate_set() -> None:
+    aligned = torch.tensor([[0.1, 0.6, 0.3], [0.5, 0.2, 0.3], [0.2, 0.2, 0.6], [0.9, 0.05, 0.05]])
+    cand = torch.tensor([[1, 0, 1], [0, 1, 1], [1, 1, 1], [1, 0, 0]], dtype=torch.float32)
+    clean = np.array([True, True, False, True])
+    # row 0: best candidate is class 2 (class 1 is not a candidate); row 1: class 2; row 2 is not clean; row 3: 0
+    assert clean_class_counts(aligned, cand, clean) == [1, 0, 2]
 
 
 def test_coreg_epochs_do_not_undo_the_warm_up(data: dict[str, np.ndarray], tmp_path: Path) -> None:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import random
 import time
 from collections.abc import Iterator
@@ -408,7 +409,8 @@ def _warmup_epoch(run: _Run, state: _State, epoch: int) -> dict[str, Any]:
                 bar.update(1)
                 bar.set_postfix(net=net_id + 1, loss=f"{values[0]:.3f}")
             per_net.append({k: v / steps for k, v in sums.items()})
-    return {**_mean_stats(per_net), "clean_net1": None, "clean_net2": None, "ramp": 0.0, "regularisers": False}
+    return {**_mean_stats(per_net), "clean_net1": None, "clean_net2": None, "per_class_clean": None,
+            "classes_without_clean": None, "ramp": 0.0, "regularisers": False}
 
 
 def _step(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
@@ -445,6 +447,18 @@ def _check_trusted(trusted: np.ndarray | None, n: int) -> np.ndarray | None:
     return trusted if trusted.any() else None
 
 
+def clean_class_counts(aligned: torch.Tensor, candidates: torch.Tensor, clean: np.ndarray) -> list[int]:
+    """Clean samples per class, each counted under its pseudo-label (argmax of the aligned prediction within S).
+
+    The trainer knows no true label, so this is what it can report. A class whose count drops to
+    zero is no longer trained on as labelled data by the peer: the GMM tends to drop whole classes
+    whose candidate sets are systematically wrong (instance-dependent VLM noise) or while the nets
+    are still nearly flat within S (short warm-ups), and co-guessing does not bring them back.
+    """
+    pseudo = L.restrict_to_candidates(aligned, candidates).argmax(dim=1).cpu().numpy()
+    return np.bincount(pseudo[np.asarray(clean, dtype=bool)], minlength=aligned.shape[1]).tolist()
+
+
 def _split(run: _Run, state: _State, epoch: int) -> tuple[list[torch.Tensor], list[np.ndarray], list[np.ndarray]]:
     """Steps 1-3 of the method for both nets: aligned predictions, clean weights and clean masks."""
     cfg = run.cfg
@@ -474,7 +488,16 @@ def _coreg_epoch(run: _Run, state: _State, epoch: int) -> dict[str, Any]:
         per_net.append(_train_coreg_net(run, state, epoch, net_id, aligned[peer_id], weights[peer_id],
                                         clean[peer_id], clean_sizes=(int(clean[0].sum()), int(clean[1].sum()))))
     reg = epoch >= run.cfg.warmup_epochs + run.cfg.reg_start_offset
+    per_class = [clean_class_counts(aligned[i], run.data.candidates, clean[i]) for i in (0, 1)]
+    missing = [[k for k, count in enumerate(counts) if count == 0] for counts in per_class]
+    for i, classes in enumerate(missing):
+        if classes and run.main:
+            log.warning("epoch %d: net%d's clean split has no sample of class(es) %s (by pseudo-label); its peer "
+                        "gets no labelled rows of them this epoch. Persisting over epochs usually means a too short "
+                        "warm-up or class-wide annotation errors (history.json: per_class_clean)",
+                        epoch + 1, i + 1, classes)
     return {**_mean_stats(per_net), "clean_net1": int(clean[0].sum()), "clean_net2": int(clean[1].sum()),
+            "per_class_clean": per_class, "classes_without_clean": max(len(m) for m in missing),
             "ramp": _ramp(run.cfg, epoch), "regularisers": reg}
 
 
@@ -500,8 +523,6 @@ def _test_pause(epoch: int, step: int) -> None:
     """Test hook, off by default: with ``COREG_TEST_PAUSE_AT_STEP=<epoch>:<step>:<marker file>`` set, after
     Co-Reg step ``<step>`` (0-based) of ``<epoch>`` (1-based, as in history.json) write the marker and sleep,
     so tests/test_faults.py can SIGKILL training mid-epoch without guessing how long an epoch lasts."""
-    import os
-
     spec = os.environ.get("COREG_TEST_PAUSE_AT_STEP", "").split(":", 2)
     if len(spec) == 3 and spec[:2] == [str(epoch + 1), str(step)]:
         Path(spec[2]).write_text(f"{epoch + 1}:{step}\n", encoding="utf-8")
