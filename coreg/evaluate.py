@@ -4,6 +4,11 @@ The test split's ground truth is read here and only here; training and model sel
 never see it. The report puts the model next to the zero-shot annotators on the very same
 test samples, because "does distillation beat the VLM that labelled the data?" is the
 question every user asks first.
+
+A ``train.method=zero_shot`` folder (``zero_shot_predictions.parquet``, no ``model.pt``) has
+no network: its predictions are the annotators' plurality votes of the test split, evaluated
+the same way (same ``metrics.json`` and ``predictions.parquet``; ``confidence`` is the share
+of the sample's annotators whose top-1 is the predicted class; no training curves).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from sklearn.metrics import confusion_matrix
 
 from coreg import contracts
 from coreg.atomic import atomic_path, staged_directory, write_json, write_text
+from coreg.baselines.zero_shot import ZERO_SHOT_FILE, is_zero_shot_folder
 from coreg.config import RunConfig, save_config
 from coreg.data import load_dataset
 from coreg.errors import CoregError
@@ -30,6 +36,7 @@ log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.md"
 PREDICTIONS_FILE = "predictions.parquet"
+MODEL_FILE = "model.pt"
 
 
 def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, class_names: list[str]) -> dict[str, Any]:
@@ -90,8 +97,11 @@ def candidate_quality(candidates: pd.DataFrame, sample_ids: pd.Series, y_true: n
     }
 
 
-def render_report(metrics: dict[str, Any], class_names: list[str]) -> str:
-    """A short Markdown report: headline table, per-class table, figures."""
+def render_report(metrics: dict[str, Any], class_names: list[str], zero_shot: bool = False) -> str:
+    """A short Markdown report: headline table, per-class table, figures.
+
+    ``zero_shot``: the predictions are the annotators' plurality vote (``train.method=zero_shot``), no network.
+    """
     lines = ["# coreg evaluation report", ""]
     model = metrics["model"]
     zs = metrics.get("zero_shot") or {}
@@ -99,14 +109,20 @@ def render_report(metrics: dict[str, Any], class_names: list[str]) -> str:
         lines += ["The test split has no ground-truth labels: predictions are in "
                   f"`{PREDICTIONS_FILE}`, no accuracy can be computed.", ""]
         return "\n".join(lines)
+    if zero_shot:
+        selection = ("Zero-shot baseline (`train.method=zero_shot`): no network was trained; the prediction is "
+                     "the annotators' plurality vote (ties to the lower class index).")
+        headline = "**zero-shot plurality vote (train.method=zero_shot)**"
+    else:
+        selection = (f"Model selected at epoch {metrics.get('selected_epoch')} by the held-out candidate hit rate "
+                     "(test labels are never used for selection).")
+        headline = "**Co-Reg (ensemble of both networks)**"
     lines += [
-        f"Test samples with ground truth: **{model['n']}**. "
-        f"Model selected at epoch {metrics.get('selected_epoch')} by the held-out candidate hit rate "
-        "(test labels are never used for selection).",
+        f"Test samples with ground truth: **{model['n']}**. {selection}",
         "",
         "| predictor | test accuracy |",
         "|---|---|",
-        f"| **Co-Reg (ensemble of both networks)** | **{model['accuracy']:.4f}** |",
+        f"| {headline} | **{model['accuracy']:.4f}** |",
     ]
     if zs:
         lines += [
@@ -183,7 +199,11 @@ def plot_training_curves(history: list[dict[str, Any]], path: Path) -> None:
 def run_evaluate(
     config: RunConfig, train_dir: Path, out_dir: Path, annotations_dir: Path | None = None
 ) -> Path:
-    """Predict the test split with the trained model and write metrics, report and plots."""
+    """Predict the test split with the trained model and write metrics, report and plots.
+
+    A zero-shot train folder (see :func:`coreg.baselines.zero_shot.is_zero_shot_folder`) is evaluated
+    on its plurality-vote predictions instead; the outputs have the same contract.
+    """
     train_dir, out_dir = Path(train_dir), Path(out_dir)
     class_names = contracts.read_classes(train_dir)
     samples = contracts.read_samples(train_dir)
@@ -191,29 +211,26 @@ def run_evaluate(
     if test.empty:
         raise CoregError(f"{train_dir / contracts.SAMPLES_FILE}: the test split is empty")
 
-    dataset = load_dataset(config.data)
-    position = {sid: i for i, sid in enumerate(dataset.sample_ids)}
-    missing = [sid for sid in test["sample_id"] if sid not in position]
-    if missing:
-        raise CoregError(f"{train_dir / contracts.SAMPLES_FILE}: sample {missing[0]!r} is not in the configured "
-                         f"data set ({config.data.source}); the model was trained on other data")
-    indices = np.array([position[sid] for sid in test["sample_id"]])
-
-    device = resolve_device(config.train.device)
-    model = load_trained(train_dir / "model.pt", device)
-    images = dataset.load_images(indices, model.arch["image_size"], model.arch["in_channels"])
-    logits = predict_logits(model, images, config.evaluate.batch_size, device)
-    probs = _softmax(logits)
-    pred = probs.argmax(1)
+    candidates_dir = read_input(train_dir, "candidates")
+    zero_shot = is_zero_shot_folder(train_dir)
+    if zero_shot:
+        vote_annotations = _zero_shot_annotations(train_dir, candidates_dir, annotations_dir)
+        pred, confidence = zero_shot_test_predictions(train_dir, test, len(class_names), vote_annotations)
+        selected_epoch = None
+    elif not (train_dir / MODEL_FILE).is_file():
+        raise CoregError(f"{train_dir}: no {MODEL_FILE} and no {ZERO_SHOT_FILE}; not a finished coreg train folder")
+    else:
+        pred, confidence, selected_epoch = _network_predictions(config, train_dir, test)
 
     y_true = test["label"].to_numpy()
     known = y_true >= 0
     metrics: dict[str, Any] = {
         "model": classification_metrics(y_true[known], pred[known], class_names),
-        "selected_epoch": model.selected_epoch,
+        "selected_epoch": selected_epoch,
     }
-    candidates_dir = read_input(train_dir, "candidates")
     annotations_dir = annotations_dir or (read_input(candidates_dir, "annotations") if candidates_dir else None)
+    if zero_shot and annotations_dir is None:
+        annotations_dir = vote_annotations
     if known.any() and annotations_dir is not None:
         annotations = contracts.read_annotations(annotations_dir, len(class_names))
         metrics["zero_shot"] = annotator_accuracy(
@@ -225,7 +242,7 @@ def run_evaluate(
             candidates, test["sample_id"][known].reset_index(drop=True), y_true[known]
         )
 
-    history = _read_history(train_dir)
+    history = [] if zero_shot else _read_history(train_dir)
     with staged_directory(out_dir) as stage:
         save_config(config, stage)
         write_lineage(stage, "evaluate", {"model": train_dir, **({"annotations": annotations_dir}
@@ -234,7 +251,7 @@ def run_evaluate(
             "sample_id": test["sample_id"],
             "prediction": pred.astype(np.int64),
             "class_name": np.asarray(class_names, dtype=object)[pred],
-            "confidence": probs.max(1).astype(np.float32),
+            "confidence": confidence.astype(np.float32),
         })
         with atomic_path(stage / PREDICTIONS_FILE) as tmp:
             predictions.to_parquet(tmp, index=False)
@@ -248,9 +265,74 @@ def run_evaluate(
             figures.append("training_curves.png")
         metrics["figures"] = figures
         write_json(stage / METRICS_FILE, metrics)
-        write_text(stage / REPORT_FILE, render_report(metrics, class_names))
-    log.info("test accuracy %s; report at %s", metrics["model"]["accuracy"], out_dir / REPORT_FILE)
+        write_text(stage / REPORT_FILE, render_report(metrics, class_names, zero_shot=zero_shot))
+    log.info("test accuracy %s%s; report at %s", metrics["model"]["accuracy"],
+             " (zero-shot plurality vote)" if zero_shot else "", out_dir / REPORT_FILE)
     return out_dir
+
+
+def _network_predictions(config: RunConfig, train_dir: Path, test: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, int]:
+    """Predicted class, softmax confidence and selected epoch of the trained network on ``test``."""
+    dataset = load_dataset(config.data)
+    position = {sid: i for i, sid in enumerate(dataset.sample_ids)}
+    missing = [sid for sid in test["sample_id"] if sid not in position]
+    if missing:
+        raise CoregError(f"{train_dir / contracts.SAMPLES_FILE}: sample {missing[0]!r} is not in the configured "
+                         f"data set ({config.data.source}); the model was trained on other data")
+    indices = np.array([position[sid] for sid in test["sample_id"]])
+
+    device = resolve_device(config.train.device)
+    model = load_trained(train_dir / MODEL_FILE, device)
+    images = dataset.load_images(indices, model.arch["image_size"], model.arch["in_channels"])
+    logits = predict_logits(model, images, config.evaluate.batch_size, device)
+    probs = _softmax(logits)
+    return probs.argmax(1), probs.max(1), model.selected_epoch
+
+
+def _zero_shot_annotations(train_dir: Path, candidates_dir: Path | None, given: Path | None) -> Path:
+    """The annotations the zero-shot votes were made from: the train folder's lineage, else the one given.
+
+    The lineage path comes first (the votes were counted from it); an explicitly given folder is
+    used when that path does not exist here (a pipeline step in another pod).
+    """
+    for folder in (read_input(train_dir, "annotations"),
+                   read_input(candidates_dir, "annotations") if candidates_dir else None, given):
+        if folder is not None and (folder / contracts.ANNOTATIONS_FILE).is_file():
+            return folder
+    raise CoregError(f"{train_dir}: zero-shot folder whose annotations are not found (lineage.json names none "
+                     "that exists here); pass the annotate folder with --annotations")
+
+
+def zero_shot_test_predictions(train_dir: Path, test: pd.DataFrame, num_classes: int,
+                               annotations_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The plurality votes of ``test`` from ``zero_shot_predictions.parquet`` and their confidence.
+
+    Confidence is the share of the sample's annotators whose top-1 is the predicted class.
+    """
+    from coreg.aggregate import sample_positions, vote_matrix
+
+    path = train_dir / ZERO_SHOT_FILE
+    try:
+        votes_file = pd.read_parquet(path, columns=["sample_id", "prediction"])
+    except Exception as err:  # pyarrow raises several types for unreadable or incomplete files
+        raise CoregError(f"{path}: not a readable zero-shot prediction file ({type(err).__name__})") from None
+    pred = votes_file.drop_duplicates("sample_id").set_index("sample_id")["prediction"].reindex(test["sample_id"])
+    if pred.isna().any():
+        raise CoregError(f"{path}: test sample {pred.index[pred.isna().to_numpy()][0]!r} has no prediction")
+    pred = pred.to_numpy().astype(np.int64)
+    if ((pred < 0) | (pred >= num_classes)).any():
+        raise CoregError(f"{path}: prediction {int(pred[(pred < 0) | (pred >= num_classes)][0])} is not a class "
+                         f"index in [0, {num_classes})")
+    annotations = contracts.read_annotations(annotations_dir, num_classes)
+    ids = list(test["sample_id"])
+    rows = annotations[annotations["sample_id"].isin(set(ids))]
+    source = str(annotations_dir / contracts.ANNOTATIONS_FILE)
+    votes = vote_matrix(sample_positions(rows, ids, source), rows["label"].to_numpy(), len(ids), num_classes)
+    answered = votes.sum(axis=1)
+    if (answered == 0).any():
+        raise CoregError(f"{source}: sample {ids[int(np.flatnonzero(answered == 0)[0])]!r} has no annotation")
+    confidence = votes[np.arange(len(ids)), pred] / answered
+    return pred, confidence.astype(np.float32)
 
 
 def _read_history(train_dir: Path) -> list[dict[str, Any]]:

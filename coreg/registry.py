@@ -12,6 +12,9 @@ like. A challenger without a test figure (no ground-truth labels) is never promo
 The decision, both figures, the metric, the margin and the reason are written as tags on
 the new version (``promotion.*``) and returned as a :class:`PromotionDecision`, which the
 pipeline writes as JSON and Markdown.
+
+A ``train.method=zero_shot`` run has no network and registers nothing: :func:`record_not_registered`
+writes that decision to the same outputs instead.
 """
 
 from __future__ import annotations
@@ -265,6 +268,28 @@ def promote_version(cfg: TrackingConfig, version: str, *, force: bool = False) -
         raise CoregError(f"model {cfg.model_name!r}: version {version} and champion version {champion.version} "
                          "were evaluated on different data; rerun the pipeline or pass --force")
     return decide(cfg, str(version), value, tags.get(FINGERPRINT_TAG))
+
+
+def record_not_registered(cfg: TrackingConfig, run_id: str, reason: str, json_path: Path,
+                          md_path: Path) -> dict[str, Any]:
+    """A run that registers nothing (``train.method=zero_shot``: no network): write and log the decision.
+
+    The decision goes to the register step's outputs (JSON and Markdown), as artifact ``registry/`` and
+    tag ``coreg.promoted=false`` on the MLflow run; no model is logged, no version registered, the
+    champion is unchanged.
+    """
+    from coreg.atomic import write_text
+
+    decision = {"model_name": cfg.model_name, "version": "", "registered": False, "promoted": False,
+                "reason": reason, "run_id": run_id, "decided_at": datetime.now(UTC).isoformat()}
+    write_text(json_path, json.dumps(decision, indent=2) + "\n")
+    write_text(md_path, f"# Model `{cfg.model_name}`: **not registered**\n\nReason: {reason} (champion unchanged; "
+                        "the run's test metrics are in MLflow).\n")
+    client = client_for(cfg)
+    with _guard("record the registry decision", cfg):
+        client.log_artifact(run_id, str(json_path), artifact_path="registry")
+        client.set_tag(run_id, "coreg.promoted", "false")
+    return decision
 
 
 def write_decision(decision: PromotionDecision, json_path: Path | None, md_path: Path | None) -> None:

@@ -211,13 +211,24 @@ def evaluate_step(settings: StepSettings, model_path: str, annotations_path: str
 
 def register_step(settings: StepSettings, model_path: str, evaluation_path: str, decision_json: str,
                   decision_md: str) -> dict[str, Any]:
-    """Log the model to the run, register it, apply the promotion rule, end the MLflow run."""
+    """Log the model to the run, register it, apply the promotion rule, end the MLflow run.
+
+    A ``train.method=zero_shot`` run has no network: nothing is logged or registered, and the
+    decision outputs say so (its evaluate metrics are in the MLflow run as for any run).
+    """
     from coreg import registry, tracking
+    from coreg.baselines.zero_shot import NOT_REGISTERED_REASON, is_zero_shot_folder
 
     resolved = resolve(settings)
-    config = local_data(resolved.config, resolved.storage)
     run_id = tracking.start_or_resume_run(resolved.tracking, settings.kfp_run_id,
                                           resolved.config.model_dump(mode="json"), settings.run_name or None)
+    if is_zero_shot_folder(Path(model_path)):
+        decision = registry.record_not_registered(resolved.tracking, run_id, NOT_REGISTERED_REASON,
+                                                  Path(decision_json), Path(decision_md))
+        tracking.end_run(resolved.tracking, run_id)
+        log.info("%s (run %s)", NOT_REGISTERED_REASON, run_id)
+        return {"promoted": False, "version": "", "mlflow_run_id": run_id, "decision": decision}
+    config = local_data(resolved.config, resolved.storage)
     if not resolved.tracking.log_model:
         from coreg.atomic import write_text
 

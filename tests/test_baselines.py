@@ -164,3 +164,58 @@ def test_zero_shot_needs_no_network(aggregated: Path, tmp_path: Path, capsys: py
     expected = annotator_accuracy(ann, test["sample_id"], test["label"].to_numpy(), 10)["plurality_vote_accuracy"]
     assert zero_shot_accuracy(train) == pytest.approx(expected)
     assert zero_shot_accuracy(train) > 0.1 + 0.2  # the simulated annotators beat chance (10 classes)
+
+
+@pytest.fixture(scope="module")
+def zero_shot_train(aggregated: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    train = tmp_path_factory.mktemp("zero_shot") / "train"
+    args = _args(aggregated, "train.method=zero_shot")
+    assert main(["train", *args, "--candidates", str(aggregated / "aggregate"), "--out", str(train)]) == 0
+    return train
+
+
+def test_evaluate_scores_the_zero_shot_votes(aggregated: Path, zero_shot_train: Path, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    evaluate = tmp_path / "evaluate"
+    args = _args(aggregated, "train.method=zero_shot", "evaluate.plots=true")
+    assert main(["evaluate", *args, "--model", str(zero_shot_train), "--out", str(evaluate)]) == 0, \
+        capsys.readouterr().err
+    metrics = json.loads((evaluate / "metrics.json").read_text())
+    accuracy = zero_shot_accuracy(zero_shot_train)
+    assert metrics["model"]["accuracy"] == pytest.approx(accuracy)
+    assert metrics["zero_shot"]["plurality_vote_accuracy"] == pytest.approx(accuracy)
+    assert metrics["selected_epoch"] is None and metrics["candidates"]["coverage"] is not None
+    assert metrics["figures"] == ["confusion_matrix.png"]  # no history, so no training curves
+    assert not (evaluate / "training_curves.png").exists()
+    assert "zero-shot plurality vote" in (evaluate / "report.md").read_text()
+
+    preds = pd.read_parquet(evaluate / "predictions.parquet")
+    samples = pd.read_parquet(zero_shot_train / "samples.parquet")
+    test_ids = list(samples.loc[samples["split"] == "test", "sample_id"])
+    assert list(preds.columns) == ["sample_id", "prediction", "class_name", "confidence"]
+    assert list(preds["sample_id"]) == test_ids
+    assert preds["prediction"].dtype == np.int64 and preds["confidence"].dtype == np.float32
+    votes = pd.read_parquet(zero_shot_train / ZERO_SHOT_FILE).set_index("sample_id")["prediction"]
+    assert (preds["prediction"].to_numpy() == votes.loc[test_ids].to_numpy()).all()
+    names = json.loads((zero_shot_train / "classes.json").read_text())["class_names"]
+    assert list(preds["class_name"]) == [names[p] for p in preds["prediction"]]
+    # Confidence: the share of the sample's annotators whose top-1 is the predicted class.
+    ann = pd.read_parquet(aggregated / "annotate" / "annotations.parquet")
+    merged = ann.merge(preds[["sample_id", "prediction"]], on="sample_id")
+    share = (merged["label"] == merged["prediction"]).groupby(merged["sample_id"]).mean().loc[test_ids]
+    np.testing.assert_allclose(preds["confidence"].to_numpy(), share.to_numpy(), atol=1e-6)
+    assert ((preds["confidence"] > 0) & (preds["confidence"] <= 1)).all()
+
+
+def test_evaluate_without_model_or_votes_is_one_line_error(aggregated: Path, zero_shot_train: Path, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    import shutil
+
+    bare = tmp_path / "train"
+    shutil.copytree(zero_shot_train, bare)
+    (bare / ZERO_SHOT_FILE).unlink()
+    out = tmp_path / "evaluate"
+    assert main(["evaluate", *_args(aggregated), "--model", str(bare), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and f"{bare}: no model.pt and no {ZERO_SHOT_FILE}" in err
+    assert not out.exists()

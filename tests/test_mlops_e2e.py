@@ -181,3 +181,25 @@ def test_promote_command_applies_the_rule_then_forces(two_runs, mlflow_server, t
     assert client.get_model_version_by_alias(MODEL, CHAMPION).version == second["version"]
     with pytest.raises(CoregError, match="version 99"):
         _cli("promote", "--version", "99", *common, "--out", str(tmp_path / "none.json"))
+
+
+def test_zero_shot_pipeline_evaluates_the_votes_and_registers_nothing(mlflow_server, s3_server, tmp_path):
+    """``train.method=zero_shot`` through the same pipeline: evaluate scores the votes, register declines."""
+    from coreg.baselines.zero_shot import NOT_REGISTERED_REASON, ZERO_SHOT_FILE, zero_shot_accuracy
+
+    name, experiment = "digits-zero-shot", "e2e-zero-shot"
+    params = _params(mlflow_server, s3_server, ["data.limit=300", "train.method=zero_shot", "evaluate.plots=false"])
+    params = params.model_copy(update={"experiment": experiment, "model_name": name})
+    summary = pipeline_cli.run_local(params, tmp_path / "kfp")
+    assert summary["decision"]["reason"] == NOT_REGISTERED_REASON and summary["decision"]["promoted"] is False
+    run_dir = Path(summary["run_dir"])
+    (train,) = {p.parent for p in run_dir.glob(f"train*/**/{ZERO_SHOT_FILE}")}
+    (metrics_file,) = run_dir.glob("evaluate*/**/metrics.json")
+    metrics = json.loads(metrics_file.read_text())
+    assert metrics["model"]["accuracy"] == pytest.approx(zero_shot_accuracy(train))
+    client = mlflow.MlflowClient(tracking_uri=mlflow_server.uri, registry_uri=mlflow_server.uri)
+    (run,) = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    assert run.info.status == "FINISHED" and run.data.tags["coreg.promoted"] == "false"
+    assert run.data.tags["coreg.stages_done"] == "annotate,aggregate,train,evaluate"
+    assert run.data.metrics["test.model.accuracy"] == pytest.approx(metrics["model"]["accuracy"])
+    assert client.search_model_versions(f"name = '{name}'") == []

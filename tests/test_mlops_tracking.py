@@ -87,3 +87,66 @@ def test_settings_resolve_sections_and_explicit_parameters():
 def test_bad_tracking_field_names_the_field():
     with pytest.raises(CoregError, match=r"tracking\.promotion_metric"):
         resolve(StepSettings(config_yaml="tracking:\n  promotion_metric: f1\n"))
+
+
+def _zero_shot_stages(root):
+    """Hand-made annotate and aggregate folders (3 classes, 4 annotators), then real zero-shot train and evaluate."""
+    import pandas as pd
+
+    from coreg import contracts
+    from coreg.baselines.zero_shot import run_zero_shot
+    from coreg.evaluate import run_evaluate
+    from coreg.lineage import write_lineage
+
+    ids = [f"s{i}" for i in range(12)]
+    samples = pd.DataFrame({"sample_id": ids, "split": ["train"] * 6 + ["test"] * 6,
+                            "label": [i % 3 for i in range(12)]})
+    rows = [(sid, f"a{j}", (i % 3) if j < 3 - (i % 2) else (i + 1) % 3) for i, sid in enumerate(ids) for j in range(4)]
+    annotations = pd.DataFrame(rows, columns=["sample_id", "annotator", "label"]).assign(probability=None, probs=None)
+    annotate, aggregate = root / "annotate", root / "aggregate"
+    for folder in (annotate, aggregate):
+        folder.mkdir()
+        contracts.write_classes(folder, ["a", "b", "c"])
+        contracts.write_samples(folder, samples)
+    contracts.write_annotations(annotate, annotations)
+    contracts.write_candidates(aggregate, pd.DataFrame({"sample_id": ids, "candidates": [[i % 3] for i in range(12)],
+                                                        "mean_probs": None}))
+    write_lineage(aggregate, "aggregate", {"annotations": annotate})
+    return annotate, aggregate, run_zero_shot, run_evaluate
+
+
+def test_register_step_records_that_a_zero_shot_run_has_no_network(tmp_path, caplog):
+    import logging
+
+    import mlflow
+
+    from coreg import steps
+
+    uri = default_tracking_uri(tmp_path / "store")
+    settings = StepSettings(overrides=["train.method=zero_shot", "evaluate.plots=false"], tracking_uri=uri,
+                            experiment="unit", model_name="zs-model", kfp_run_id="kfp-zs")
+    config = resolve(settings).config
+    annotate, aggregate, run_zero_shot, run_evaluate = _zero_shot_stages(tmp_path)
+    train = run_zero_shot(config, aggregate, tmp_path / "train")
+    evaluate = run_evaluate(config, train, tmp_path / "evaluate", annotations_dir=annotate)
+    steps.track(resolve(settings), settings, "evaluate", evaluate)
+
+    decision_json, decision_md = tmp_path / "decision.json", tmp_path / "decision.md"
+    with caplog.at_level(logging.INFO, logger="coreg.steps"):
+        result = steps.register_step(settings, str(train), str(evaluate), str(decision_json), str(decision_md))
+
+    reason = "not registered: train.method=zero_shot has no network"
+    decision = json.loads(decision_json.read_text())
+    assert decision["reason"] == reason and decision["promoted"] is False and decision["registered"] is False
+    assert reason in decision_md.read_text()
+    assert result["promoted"] is False and result["version"] == ""
+    assert any(reason in r.getMessage() for r in caplog.records)
+    # registry_uri too: an earlier test may have pointed the process-wide registry URI at another store.
+    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+    assert client.search_model_versions("name = 'zs-model'") == []
+    assert client.search_registered_models() == []
+    run = client.get_run(result["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["coreg.promoted"] == "false"
+    assert run.data.metrics["test.model.accuracy"] == pytest.approx(5 / 6)  # the evaluate stage's metrics are there
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "registry")] == ["registry/decision.json"]
+    assert not client.search_logged_models([run.info.experiment_id])  # no model logged to the run either

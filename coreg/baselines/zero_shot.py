@@ -2,9 +2,13 @@
 
 Decision: zero-shot needs no trained model, so ``coreg train`` with ``train.method=zero_shot`` writes
 ``zero_shot_predictions.parquet`` (sample_id, split, prediction for every sample) and ``train_summary.json``,
-and no ``model.pt``: ``coreg evaluate`` (which needs a network) does not apply to it. Its test accuracy is
-what ``coreg evaluate`` of any trained run already reports as ``zero_shot.plurality_vote_accuracy``, and
-:func:`zero_shot_accuracy` computes it from the prediction file for the benchmarks.
+and no ``model.pt``. The rest of the pipeline still applies: ``coreg evaluate`` recognises such a folder
+(:func:`is_zero_shot_folder`) and evaluates the votes of the test split instead of a network (same
+``metrics.json``, ``predictions.parquet`` with the share of agreeing annotators as confidence, report and
+confusion matrix; no training curves), and the pipeline's register step records "not registered:
+train.method=zero_shot has no network" as its decision instead of registering a model. The accuracy equals
+``zero_shot.plurality_vote_accuracy`` of any trained run's evaluation, and :func:`zero_shot_accuracy`
+computes it from the prediction file for the benchmarks.
 """
 
 from __future__ import annotations
@@ -22,6 +26,13 @@ from coreg.errors import CoregError
 from coreg.lineage import read_input, write_lineage
 
 ZERO_SHOT_FILE = "zero_shot_predictions.parquet"
+NOT_REGISTERED_REASON = "not registered: train.method=zero_shot has no network"
+
+
+def is_zero_shot_folder(train_dir: Path) -> bool:
+    """Whether ``train_dir`` is a zero-shot train folder: the vote file and no ``model.pt``."""
+    train_dir = Path(train_dir)
+    return (train_dir / ZERO_SHOT_FILE).is_file() and not (train_dir / "model.pt").is_file()
 
 
 def zero_shot_votes(annotations_dir: Path, samples: pd.DataFrame, num_classes: int) -> np.ndarray:
