@@ -1,0 +1,57 @@
+"""The accuracy benchmark harness (benchmarks/accuracy.py) on a tiny cell, so it cannot rot unnoticed.
+
+The benchmark itself is not run in CI (minutes to hours); this runs one cell of it through the real
+stages on 160 digits with a 2-epoch budget and checks the rows and the table it builds from them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def accuracy() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("bench_accuracy", ROOT / "benchmarks" / "accuracy.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_accuracy"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_one_cell_runs_every_stage_and_reports_candidate_quality(accuracy: ModuleType, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    real_config = accuracy.cell_config
+
+    def tiny(dataset: str, protocol: str, seed: int, quick: bool, limit: int | None) -> dict:
+        raw = real_config(dataset, protocol, seed, quick, limit)
+        raw["annotate"]["num_annotators"] = 3
+        raw["train"].update(epochs=2, warmup_epochs=1, rampup_epochs=1, reg_start_offset=0, batch_size=32,
+                            warmup_batch_size=32, queue_size=64, device="cpu")
+        return raw
+
+    monkeypatch.setattr(accuracy, "cell_config", tiny)
+    text, rows = accuracy._cell("digits", "synthetic", 1, True, 160, ["zero_shot", "soft_distill", "coreg"], 1)
+    assert text.startswith("digits / synthetic / seed 1\n")
+    # soft_distill is skipped on the synthetic protocol: it has no probabilities to distil.
+    assert [r["method"] for r in rows] == ["zero_shot", "coreg"]
+    for row in rows:
+        assert row["dataset"] == "digits" and row["protocol"] == "synthetic" and row["seed"] == 1
+        assert 0.0 <= row["test_accuracy"] <= 1.0
+        assert 0.0 <= row["noise_rate"] <= 1.0 and 1.0 <= row["mean_set_size"] <= 10.0
+    assert isinstance(rows[1]["classes_without_clean"], int)
+    assert rows[0]["noise_rate"] == rows[1]["noise_rate"]  # every method trains on the same candidate sets
+
+
+def test_table_gives_mean_and_sample_deviation_over_seeds(accuracy: ModuleType) -> None:
+    rows = [{"dataset": "digits", "protocol": "vlm_low", "method": "coreg", "seed": s, "test_accuracy": a,
+             "noise_rate": 0.1, "mean_set_size": 2.0, "train_seconds": 10.0} for s, a in enumerate([0.8, 0.9, 1.0])]
+    table = accuracy.markdown(rows)
+    assert "| digits | vlm_low | coreg | 0.900 ± 0.100 | 0.100 ± 0.000 | 2.00 ± 0.00 | 10.0 ± 0.0 | 3 |" in table
