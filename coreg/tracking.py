@@ -16,9 +16,10 @@ comparable in the MLflow UI (same metric names in every run). Names carry the st
 
 The run is created by whichever stage comes first and ended (FINISHED) by the register
 step; a pipeline that fails half-way leaves its run RUNNING with what it had logged.
-A retried task finds the same run, rewrites the same artifact paths, and does not log the
-model again when the run already holds a logged model of the same weights (tag
-``coreg.weights_sha256``); the registry finds the version of the run the same way.
+A retried task finds the same run, rewrites the same artifact paths, logs no metric point
+(name, step) the run already holds, and does not log the model again when the run already
+holds a logged model of the same weights (tag ``coreg.weights_sha256``); the registry finds
+the version of the run the same way.
 
 Embedded default: with no tracking server configured the URI is
 ``sqlite:///<absolute path>/mlflow.db`` (MLflow 3.17 refuses a plain ``./mlruns`` store),
@@ -194,13 +195,25 @@ def start_or_resume_run(cfg: TrackingConfig, kfp_run_id: str, config_dump: dict[
     return run.info.run_id
 
 
-def _log_metrics(client: MlflowClient, run_id: str, values: dict[str, float], step: int = 0) -> None:
+def _log_new_metrics(client: MlflowClient, run_id: str, rows: list[tuple[int, dict[str, float]]]) -> int:
+    """Log ``(step, {name: value})`` rows, leaving out each (name, step) the run already holds.
+
+    Why: a retried task (or one killed half-way through logging) logs the same stage again.
+    MLflow appends every logged point to a metric's history, so logging blindly would draw
+    each epoch twice; asking which steps exist first keeps a retry from adding points.
+    Returns the number of points logged.
+    """
     from mlflow.entities import Metric
 
+    wanted = [(metric_name(k), v, step) for step, values in rows for k, v in values.items()]
+    present = set(client.get_run(run_id).data.metrics)
+    done_steps = {key: {m.step for m in client.get_metric_history(run_id, key)}
+                  for key in {k for k, _, _ in wanted} & present}
     now = int(time.time() * 1000)
-    metrics = [Metric(metric_name(k), v, now, step) for k, v in values.items()]
+    metrics = [Metric(k, v, now, step) for k, v, step in wanted if step not in done_steps.get(k, ())]
     for i in range(0, len(metrics), 1000):
         client.log_batch(run_id, metrics=metrics[i:i + 1000])
+    return len(metrics)
 
 
 def _read_json(path: Path) -> Any:
@@ -265,10 +278,8 @@ def log_stage(cfg: TrackingConfig, run_id: str, stage: str, folder: str | Path) 
     client = client_for(cfg)
     metrics = stage_metrics(stage, folder)
     with _guard(f"log the {stage} stage", cfg):
-        if stage == "train":
-            for epoch, values in history_metrics(_read_json(folder / "history.json") or []):
-                _log_metrics(client, run_id, values, step=epoch)
-        _log_metrics(client, run_id, metrics)
+        rows = history_metrics(_read_json(folder / "history.json") or []) if stage == "train" else []
+        _log_new_metrics(client, run_id, [*rows, (0, metrics)])
         for name in ARTIFACT_FILES[stage]:
             if (folder / name).is_file():
                 client.log_artifact(run_id, str(folder / name), artifact_path=stage)

@@ -159,6 +159,34 @@ def _tiny_train_dir(folder: Path) -> Path:
 
 
 @pytest.mark.parametrize("store", ["sqlite", "server"])
+def test_retried_stage_logging_adds_no_metric_points(tmp_path: Path, store: str,
+                                                     request: pytest.FixtureRequest) -> None:
+    """A train task killed half-way through logging, then retried twice: each epoch is one point per metric."""
+    import json
+
+    from coreg import tracking
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db" if store == "sqlite" else request.getfixturevalue("mlflow_server").uri
+    cfg = tracking.TrackingConfig(uri=uri, experiment=f"metric-retry-{store}")
+    run_id = tracking.start_or_resume_run(cfg, "kfp-metric-retry", {"train": {"epochs": 3}})
+    stage = tmp_path / "train"
+    stage.mkdir()
+    history = [{"epoch": e, "loss": 1.0 / e, "val_hit_rate": 0.5 + e / 10} for e in (1, 2, 3)]
+    (stage / "history.json").write_text(json.dumps(history))
+    client = tracking.client_for(cfg)
+    # the killed attempt got as far as the first epoch's points
+    tracking._log_new_metrics(client, run_id, tracking.history_metrics(history)[:1])
+    first = tracking.log_stage(cfg, run_id, "train", stage)
+    again = tracking.log_stage(cfg, run_id, "train", stage)
+    assert first == again and first["train.selected_epoch"] == 3.0
+    loss = client.get_metric_history(run_id, "train.loss")
+    assert sorted((m.step, m.value) for m in loss) == [(1, 1.0), (2, 0.5), (3, 1.0 / 3)]
+    assert len(client.get_metric_history(run_id, "train.val_hit_rate")) == 3
+    assert [m.value for m in client.get_metric_history(run_id, "train.epochs_run")] == [3.0]
+    assert client.get_run(run_id).data.tags["coreg.stages_done"] == "train"
+
+
+@pytest.mark.parametrize("store", ["sqlite", "server"])
 def test_retried_tracking_task_reuses_its_mlflow_run_and_model_version(tmp_path: Path, store: str,
                                                                        request: pytest.FixtureRequest) -> None:
     """The same KFP run id twice (a retried task): one MLflow run, one logged model, one registered version.
