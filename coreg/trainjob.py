@@ -10,7 +10,8 @@ the ``train-trainjob`` task instead, which calls :func:`launch_step`:
    ``numNodes`` pods with ``resourcesPerNode``), validated by :class:`TrainJobSpec`, and creates it
    with the official ``kubernetes`` client. The name is derived from the KFP run id, so a retried
    task finds the TrainJob of its first attempt (HTTP 409) and attaches to it instead of starting a
-   second training;
+   second training; when that TrainJob failed, the retry starts ``<name>-a2`` (then ``-a3``, ...,
+   at most ``MAX_TRAINJOB_ATTEMPTS``) and the failed one stays for its logs;
 3. it polls the TrainJob's status conditions until ``Complete`` or ``Failed`` (or a timeout): a
    failure is a one-line :class:`CoregError` naming the TrainJob and the reason the Trainer gave;
 4. it downloads the train folder node rank 0 published to ``<storage_uri>/<kfp_run_id>/train``
@@ -56,6 +57,8 @@ KIND = "TrainJob"
 # What the launcher asks of the API server (k8s/base/rbac.yaml grants exactly these on trainjobs).
 REQUIRED_VERBS = ("create", "get")
 RUN_ID_ANNOTATION = "coreg.io/kfp-run-id"
+# TrainJobs one pipeline run may create: a retried task after a failed TrainJob starts the next one.
+MAX_TRAINJOB_ATTEMPTS = 5
 RUN_ID_LABEL = "coreg.io/kfp-run-id"
 SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 IMAGE_UID = 10001
@@ -199,8 +202,9 @@ class TrainJobSpec(BaseModel):
     @field_validator("name")
     @classmethod
     def _name(cls, value: str) -> str:
-        if not _DNS_LABEL.match(value) or len(value) > 40:
-            raise ValueError(f"name {value!r}: a DNS-1035 label of at most 40 characters (JobSet adds suffixes)")
+        if not _DNS_LABEL.match(value) or len(value) > 37:
+            raise ValueError(f"name {value!r}: a DNS-1035 label of at most 37 characters (retries add '-aN', "
+                             "JobSet adds suffixes)")
         return value
 
     @field_validator("namespace")
@@ -436,32 +440,54 @@ def _transient(err: BaseException) -> bool:
     return isinstance(err, OSError) or type(err).__module__.startswith("urllib3")
 
 
+def attempt_name(base: str, attempt: int) -> str:
+    """The TrainJob name of attempt ``attempt`` (1-based): ``base``, then ``base-a2``, ``base-a3``, ..."""
+    return base if attempt == 1 else f"{base}-a{attempt}"
+
+
 def submit(spec: TrainJobSpec, api_client: Any) -> tuple[dict[str, Any], bool]:
     """Create the TrainJob, or attach to the one an earlier attempt of this run created.
 
-    Returns (object, created). A TrainJob of the same name that belongs to another run is an error.
+    Returns (object, created). Attempt names are tried in order (:func:`attempt_name`): one that
+    exists and has not failed is followed (a retried task while training goes on, or after it
+    finished); one that failed is kept for its pods' logs and the next name is tried, so a retry
+    of the task after a failed training trains again instead of reporting the old failure. After
+    ``MAX_TRAINJOB_ATTEMPTS`` failed TrainJobs the task stops with the last one's reason. A
+    TrainJob of the same name that belongs to another run is an error.
     """
     from kubernetes.client.exceptions import ApiException
 
     api = _api(api_client)
-    where = f"TrainJob {spec.namespace}/{spec.name}"
-    try:
-        obj = api.create_namespaced_custom_object(GROUP, VERSION, spec.namespace, PLURAL, render(spec))
-        log.info("%s: created (%d nodes x %d processes)", where, spec.options.num_nodes, spec.options.procs_per_node)
-        return obj, True
-    except ApiException as err:
-        if err.status != 409:
-            raise _api_error(where, "create", err) from None
-    try:
-        existing = api.get_namespaced_custom_object(GROUP, VERSION, spec.namespace, PLURAL, spec.name)
-    except ApiException as err:
-        raise _api_error(where, "read the existing TrainJob", err) from None
-    owner = ((existing.get("metadata") or {}).get("annotations") or {}).get(RUN_ID_ANNOTATION)
-    if owner != spec.kfp_run_id:
-        raise CoregError(f"{where}: exists but belongs to pipeline run {owner or '<unknown>'}, not "
-                         f"{spec.kfp_run_id}; delete it or pick another namespace")
-    log.info("%s: already exists (a retried task): following it instead of creating another", where)
-    return existing, False
+    failed_before = ""
+    for attempt in range(1, MAX_TRAINJOB_ATTEMPTS + 1):
+        name = attempt_name(spec.name, attempt)
+        where = f"TrainJob {spec.namespace}/{name}"
+        try:
+            obj = api.create_namespaced_custom_object(GROUP, VERSION, spec.namespace, PLURAL,
+                                                      render(spec.model_copy(update={"name": name})))
+            log.info("%s: created (%d nodes x %d processes)%s", where, spec.options.num_nodes,
+                     spec.options.procs_per_node, f" after {failed_before}" if failed_before else "")
+            return obj, True
+        except ApiException as err:
+            if err.status != 409:
+                raise _api_error(where, "create", err) from None
+        try:
+            existing = api.get_namespaced_custom_object(GROUP, VERSION, spec.namespace, PLURAL, name)
+        except ApiException as err:
+            raise _api_error(where, "read the existing TrainJob", err) from None
+        owner = ((existing.get("metadata") or {}).get("annotations") or {}).get(RUN_ID_ANNOTATION)
+        if owner != spec.kfp_run_id:
+            raise CoregError(f"{where}: exists but belongs to pipeline run {owner or '<unknown>'}, not "
+                             f"{spec.kfp_run_id}; delete it or pick another namespace")
+        failed = condition(existing, "Failed")
+        if failed is None:
+            log.info("%s: already exists (a retried task): following it instead of creating another", where)
+            return existing, False
+        failed_before = f"{name} failed ({_describe(failed)})"
+        log.warning("%s: an earlier attempt that failed (%s); kept for its logs, trying the next name",
+                    where, _describe(failed))
+    raise CoregError(f"TrainJob {spec.namespace}/{spec.name}: all {MAX_TRAINJOB_ATTEMPTS} attempts of pipeline run "
+                     f"{spec.kfp_run_id} failed, the last: {failed_before}; delete them to train again")
 
 
 def condition(obj: dict[str, Any], kind: str) -> dict[str, Any] | None:
@@ -520,8 +546,8 @@ def launch(spec: TrainJobSpec, api_client: Any = None, clock: Callable[[], float
            sleep: Callable[[float], None] = time.sleep) -> dict[str, Any]:
     """Submit (or attach to) the TrainJob and wait for it; returns the finished object."""
     api_client = api_client or make_api_client()
-    submit(spec, api_client)
-    return wait(spec.name, spec.namespace, api_client, spec.options.timeout_s, spec.options.poll_s,
+    obj, _ = submit(spec, api_client)
+    return wait(obj["metadata"]["name"], spec.namespace, api_client, spec.options.timeout_s, spec.options.poll_s,
                 clock=clock, sleep=sleep)
 
 
@@ -577,7 +603,7 @@ def launch_step(settings: Any, options: TrainJobOptions | dict[str, Any], candid
     folder = fetch_dir(spec.output_uri, Path(out_dir), resolved.storage)
     run_id = track(resolved, settings, "train", folder)
     return {"published_uri": spec.output_uri, "mlflow_run_id": run_id, "local_path": str(folder),
-            "trainjob": f"{spec.namespace}/{spec.name}",
+            "trainjob": f"{spec.namespace}/{final['metadata']['name']}",
             "trainjob_conditions": (final.get("status") or {}).get("conditions") or []}
 
 

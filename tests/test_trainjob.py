@@ -39,12 +39,14 @@ from coreg.config import DEFAULT_CONFIG
 from coreg.errors import CoregError
 from coreg.trainjob import (
     GROUP,
+    MAX_TRAINJOB_ATTEMPTS,
     PLURAL,
     RUN_ID_ANNOTATION,
     SCRATCH,
     VERSION,
     TrainJobOptions,
     TrainJobSpec,
+    attempt_name,
     launch,
     render,
     submit,
@@ -169,7 +171,7 @@ def test_name_is_deterministic_short_and_dns_safe() -> None:
     assert name != trainjob_name(RUN_ID.replace("3f0c", "3f0d"))
     for run_id in (RUN_ID, "local", "My Run/2024_01 ünïcode" * 5, "---", "a" * 300):
         name = trainjob_name(run_id)
-        assert re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name) and len(name) <= 40, name
+        assert re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name) and len(name) <= 37, name
         _spec(name=name, kfp_run_id=run_id)  # valid as a spec too
     with pytest.raises(CoregError, match="run id"):
         trainjob_name("")
@@ -201,7 +203,7 @@ def test_bad_options_fail_with_one_line(overrides: dict[str, Any], message: str)
 
 @pytest.mark.parametrize(("overrides", "message"), [
     ({"name": "Coreg_Train"}, "DNS-1035"),
-    ({"name": "x" * 41}, "at most 40"),
+    ({"name": "x" * 38}, "at most 37"),
     ({"namespace": ""}, "namespace"),
     ({"kfp_run_id": ""}, "kfp_run_id"),
     ({"candidates_uri": "/data/aggregate"}, "s3://"),
@@ -407,6 +409,42 @@ def test_a_retried_task_attaches_to_the_existing_trainjob(cluster: FakeCluster, 
     assert final["metadata"]["uid"] == "uid-0"
     obj, created = submit(spec, api_client)
     assert not created and obj["metadata"]["uid"] == "uid-0"
+
+
+def test_a_retry_after_a_failed_trainjob_trains_again_under_the_next_name(cluster: FakeCluster,
+                                                                        api_client: Any) -> None:
+    spec = _spec()
+    cluster.script[spec.name] = [_conditions("Created", "Failed", reason="JobSetFailed", message="node-0 OOMKilled")]
+    with pytest.raises(CoregError, match="failed: JobSetFailed: node-0 OOMKilled"):
+        launch(spec, api_client, sleep=_no_sleep)
+    # The retried task: the failed TrainJob stays (its pods' logs), a second one trains.
+    second = attempt_name(spec.name, 2)
+    cluster.script[second] = [_conditions("Created"), _conditions("Created", "Complete")]
+    final = launch(_spec(), api_client, sleep=_no_sleep)
+    assert final["metadata"]["name"] == second == f"{spec.name}-a2"
+    assert set(cluster.objects) == {(NAMESPACE, spec.name), (NAMESPACE, second)}
+    assert final["metadata"]["annotations"][RUN_ID_ANNOTATION] == spec.kfp_run_id
+    # A further retry (the pod lost after training) follows the finished second attempt.
+    obj, created = submit(spec, api_client)
+    assert not created and obj["metadata"]["name"] == second
+
+
+def test_retries_stop_after_the_last_allowed_trainjob_failed(cluster: FakeCluster, api_client: Any) -> None:
+    spec = _spec()
+    for attempt in range(1, MAX_TRAINJOB_ATTEMPTS + 1):
+        cluster.script[attempt_name(spec.name, attempt)] = [_conditions("Failed", reason="JobSetFailed",
+                                                                        message=f"attempt {attempt}")]
+        with pytest.raises(CoregError, match=f"failed: JobSetFailed: attempt {attempt}$"):
+            launch(spec, api_client, sleep=_no_sleep)
+    posts = cluster.count("POST")
+    with pytest.raises(CoregError) as info:
+        launch(spec, api_client, sleep=_no_sleep)
+    assert str(info.value) == (
+        f"TrainJob {NAMESPACE}/{spec.name}: all {MAX_TRAINJOB_ATTEMPTS} attempts of pipeline run {spec.kfp_run_id} "
+        f"failed, the last: {attempt_name(spec.name, MAX_TRAINJOB_ATTEMPTS)} failed (JobSetFailed: attempt "
+        f"{MAX_TRAINJOB_ATTEMPTS}); delete them to train again")
+    assert len(cluster.objects) == MAX_TRAINJOB_ATTEMPTS
+    assert cluster.count("POST") - posts == MAX_TRAINJOB_ATTEMPTS, "each name was tried once, none created"
 
 
 def test_a_trainjob_of_another_run_is_not_adopted(cluster: FakeCluster, api_client: Any) -> None:
