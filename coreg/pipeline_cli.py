@@ -91,6 +91,9 @@ def _client_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--namespace", default=None, help="Kubeflow profile namespace (multi-user installs)")
     p.add_argument("--token", default=None, help="bearer token (default: none / in-cluster credentials)")
     p.add_argument("--kfp-experiment", default="coreg", help="KFP experiment name")
+    p.add_argument("--service-account", default=None,
+                   help="Kubernetes service account the run's pods use, e.g. coreg-pipeline-runner from "
+                        "k8s/base/rbac.yaml (needed for --train-nodes > 1; default: KFP's own)")
 
 
 def register(subparsers: Any) -> None:
@@ -276,9 +279,10 @@ def submit(args: argparse.Namespace, params: PipelineParams) -> dict[str, Any]:
         package = compile_package(Path(tmp) / DEFAULT_PACKAGE, cluster_options(args))
         result = _kfp_call("create the run", args.host, lambda: client.create_run_from_pipeline_package(
             str(package), arguments=_pipeline_arguments(params), run_name=run_name,
-            experiment_name=args.kfp_experiment, namespace=args.namespace, enable_caching=False))
+            experiment_name=args.kfp_experiment, namespace=args.namespace, enable_caching=False,
+            service_account=args.service_account))
     summary: dict[str, Any] = {"run_id": result.run_id, "run_name": run_name, "host": args.host,
-                               "experiment": args.kfp_experiment}
+                               "experiment": args.kfp_experiment, "service_account": args.service_account}
     if args.wait:
         run = _kfp_call("wait for the run", args.host,
                         lambda: client.wait_for_run_completion(result.run_id, timeout=args.timeout, sleep_duration=1))
@@ -303,9 +307,9 @@ def schedule(args: argparse.Namespace, params: PipelineParams) -> dict[str, Any]
         job = _kfp_call("create the recurring run", args.host, lambda: client.create_recurring_run(
             experiment_id=experiment.experiment_id, job_name=args.name, cron_expression=args.cron,
             max_concurrency=args.max_concurrency, no_catchup=True, params=_pipeline_arguments(params),
-            pipeline_package_path=str(package), enable_caching=False))
+            pipeline_package_path=str(package), enable_caching=False, service_account=args.service_account))
     return {"recurring_run_id": job.recurring_run_id, "name": args.name, "cron": args.cron, "host": args.host,
-            "experiment_id": experiment.experiment_id}
+            "experiment_id": experiment.experiment_id, "service_account": args.service_account}
 
 
 def _tracking_for(args: argparse.Namespace) -> Any:

@@ -100,12 +100,13 @@ def test_submit_sends_the_compiled_pipeline_and_waits(kfp_api, tmp_path):
     out = tmp_path / "run.json"
     args = _parse("pipeline", "submit", "--host", kfp_api, "--set", "train.epochs=30", "--run-name", "nightly",
                   "--tracking-uri", "http://mlflow.mlflow:5000", "--storage-uri", "s3://bucket/coreg",
-                  "--wait", "--timeout", "30", "--out", str(out))
+                  "--service-account", "coreg-pipeline-runner", "--wait", "--timeout", "30", "--out", str(out))
     assert pipeline_cli.dispatch(args) == out
     summary = json.loads(out.read_text())
     assert summary["run_id"] == "run-1" and summary["state"] == "SUCCEEDED"
     (run,) = _posted("/apis/v2beta1/runs")
     assert run["display_name"] == "nightly"
+    assert run["service_account"] == "coreg-pipeline-runner" == summary["service_account"]
     assert _spec(run)["pipelineInfo"]["name"] == "coreg"
     assert "exec-train" in run["pipeline_spec"]["platform_spec"]["platforms"]["kubernetes"]["deploymentSpec"][
         "executors"]
@@ -125,6 +126,7 @@ def test_schedule_creates_a_recurring_run_without_caching(kfp_api, tmp_path):
     assert json.loads(out.read_text())["recurring_run_id"] == "rr-1"
     (job,) = _posted("/apis/v2beta1/recurringruns")
     assert job["display_name"] == "weekly"
+    assert not job.get("service_account"), "without --service-account KFP's default account runs the pods"
     assert job["trigger"]["cron_schedule"]["cron"] == "0 0 3 * * 1"
     assert job["max_concurrency"] == "1" or job["max_concurrency"] == 1
     assert job["no_catchup"] is True
@@ -143,3 +145,11 @@ def test_unreachable_kfp_is_one_line_error():
     with pytest.raises(CoregError, match="KFP at") as err:
         pipeline_cli.dispatch(_parse("pipeline", "submit", "--host", host))
     assert "\n" not in str(err.value)
+
+
+def test_schedule_runs_under_the_given_service_account(kfp_api, tmp_path):
+    args = _parse("pipeline", "schedule", "--host", kfp_api, "--cron", "0 0 3 * * 1", "--no-gpu",
+                  "--service-account", "coreg-pipeline-runner", "--out", str(tmp_path / "s.json"))
+    pipeline_cli.dispatch(args)
+    (job,) = _posted("/apis/v2beta1/recurringruns")
+    assert job["service_account"] == "coreg-pipeline-runner"
