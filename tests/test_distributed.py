@@ -3,7 +3,8 @@
 Two epochs (one warm-up, one Co-Reg epoch with every regulariser on) with
 ``torchrun --standalone --nproc_per_node=2``. Checks: both ranks end with identical weights
 (bit for bit: every collective gives both ranks the same result), a run interrupted after the
-warm-up and resumed under torchrun ends with the same weights, only rank 0 wrote files, and
+warm-up and resumed under torchrun ends with the same weights, only rank 0 wrote files, each
+rank's per-epoch prediction pass visited only its half of the samples, and
 every tensor of the final model state is within ``ATOL`` of a single-process run of the same
 config and seed (same global batch), with the same clean splits.
 
@@ -55,16 +56,27 @@ RANK_SCRIPT = textwrap.dedent("""
         return real_run_epoch(run, state, epoch)
 
     trainer_module._run_epoch = spy
+    real_make_loader = trainer_module.make_loader
+    predicted_rows = []  # the samples each per-epoch prediction pass of this rank visited
+
+    def loader_spy(dataset, order, *args):
+        if dataset.mode == "weak":
+            predicted_rows.append(list(order))
+        return real_make_loader(dataset, order, *args)
+
+    trainer_module.make_loader = loader_spy
     x, y = make_images({n}, seed=0)
     cand = noisy_candidates(y, q=0.3, eta=0.3, seed=1)
     out = Path(sys.argv[1])
     result = fit(x, cand, tiny_config(**{config!r}), out / "run", horizontal_flip=True, progress=False)
     rank = int(os.environ["RANK"])
     full = captured["state"].model.state_dict()
+    first_run_rows = list(predicted_rows)
     # Interrupted after the warm-up epoch, then resumed from rank 0's checkpoint on every rank.
     fit(x, cand, tiny_config(**{config!r}), out / "resumed", horizontal_flip=True, progress=False, stop_after_epoch=1)
     fit(x, cand, tiny_config(**{config!r}), out / "resumed", horizontal_flip=True, progress=False, resume=True)
-    torch.save({{"model": full, "history": result.history, "resumed": captured["state"].model.state_dict()}},
+    torch.save({{"model": full, "history": result.history, "resumed": captured["state"].model.state_dict(),
+                "predicted_rows": first_run_rows}},
                out / f"rank{{rank}}.pt")
 """)
 
@@ -106,6 +118,9 @@ def test_torchrun_two_ranks_match_each_other_and_single_process(tmp_path: Path) 
         assert torch.equal(r0["resumed"][key], r0["model"][key]), f"resumed run differs in {key}"
         assert torch.equal(r1["resumed"][key], r0["model"][key]), f"resumed run differs on rank 1 in {key}"
     assert [h["phase"] for h in r0["history"]] == ["warmup", "coreg"]
+    # The prediction pass of the Co-Reg epoch is sharded: each rank predicted only its half of the samples.
+    assert r0["predicted_rows"] == [list(range(N // 2))], r0["predicted_rows"]
+    assert r1["predicted_rows"] == [list(range(N // 2, N))], r1["predicted_rows"]
     assert r0["history"][-1]["regularisers"] and r0["history"][-1]["l_con"] > 0
 
     # Only rank 0 wrote the run folder, and what it wrote is the ranks' model.

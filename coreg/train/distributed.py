@@ -11,9 +11,11 @@ How a distributed run stays equal to a single-process run on the same global bat
   gradients are summed across ranks, so the summed gradient is the global-batch gradient.
 * Everything that couples rows (targets, MixMatch permutation and lambda, contrastive set,
   prototype EMA, queue) is computed from all-gathered rows, identically on every rank.
-* The per-epoch prediction pass, GMM split and validation hit rate are computed by every rank
-  on all rows; rank 0's predictions and hit rate are broadcast, so every rank derives the same
-  split and selects the same epoch even where GPU kernels are not bit-reproducible.
+* The per-epoch prediction pass is sharded: each rank predicts its contiguous chunk of the
+  training samples and the chunks are all-gathered, so every rank holds the same predictions
+  and derives the same GMM split. The validation hit rate is computed by every rank and rank
+  0's value is broadcast, so every rank selects the same epoch even where GPU kernels are not
+  bit-reproducible.
 
 Only rank 0 writes files; the others wait at a barrier.
 """

@@ -421,21 +421,33 @@ def _step(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
 
 @torch.no_grad()
 def _predict_train(run: _Run, state: _State, epoch: int) -> list[torch.Tensor]:
-    """Softmax of both nets on one seeded weak view of every training sample (eval mode)."""
+    """Softmax of both nets on one seeded weak view of every training sample (eval mode).
+
+    Under torchrun each rank predicts only its contiguous chunk of the samples and the chunks
+    are all-gathered: the pass costs 1/world of the single-process pass per rank, and every rank
+    ends with the same tensor (the split must be identical on all ranks). The views of sample
+    i depend only on i and the eval mode uses running BatchNorm statistics, so the result does
+    not depend on how the rows are divided.
+    """
     cfg, data = run.cfg, run.data
     n = data.images.shape[0]
+    rows = range(n) if run.dist is None else range(*run.dist.bounds(n))
     dataset = MultiViewDataset(data.images, data.augmenter, "weak", derive_seed(cfg.seed, _EVAL, epoch))
-    loader = make_loader(dataset, range(n), cfg.eval_batch_size, cfg.num_workers,
+    loader = make_loader(dataset, rows, cfg.eval_batch_size, cfg.num_workers,
                          derive_seed(cfg.seed, _EVAL, epoch, 1))
     nets = (state.model.net1, state.model.net2)
     for net in nets:
         net.eval()
-    outs: list[list[torch.Tensor]] = [[], []]
+    k = data.candidates.shape[1]
+    outs: list[list[torch.Tensor]] = [[torch.zeros((0, k), device=run.device)] for _ in nets]
     for views, _ in loader:
         views = views.to(run.device)
         for i, net in enumerate(nets):
             outs[i].append(F.softmax(net(views), dim=1))
-    return [torch.cat(o) for o in outs]
+    predictions = [torch.cat(o) for o in outs]
+    if run.dist is not None:
+        predictions = [run.dist.gather_rows(p, n) for p in predictions]
+    return predictions
 
 
 def _check_trusted(trusted: np.ndarray | None, n: int) -> np.ndarray | None:
@@ -463,9 +475,7 @@ def _split(run: _Run, state: _State, epoch: int) -> tuple[list[torch.Tensor], li
     """Steps 1-3 of the method for both nets: aligned predictions, clean weights and clean masks."""
     cfg = run.cfg
     aligned, weights, clean = [], [], []
-    predictions = _predict_train(run, state, epoch)
-    if run.dist is not None:  # rank 0's predictions: every rank derives the same split from them
-        predictions = [run.dist.broadcast(p) for p in predictions]
+    predictions = _predict_train(run, state, epoch)  # the same on every rank (all-gathered)
     for i, probs in enumerate(predictions):
         p = L.distribution_alignment(probs)
         averaged = state.loss_histories[i].update(L.max_candidate_loss(p, run.data.candidates))
