@@ -55,3 +55,17 @@ def test_table_gives_mean_and_sample_deviation_over_seeds(accuracy: ModuleType) 
              "noise_rate": 0.1, "mean_set_size": 2.0, "train_seconds": 10.0} for s, a in enumerate([0.8, 0.9, 1.0])]
     table = accuracy.markdown(rows)
     assert "| digits | vlm_low | coreg | 0.900 ± 0.100 | 0.100 ± 0.000 | 2.00 ± 0.00 | 10.0 ± 0.0 | 3 |" in table
+
+
+def test_quick_setting_covers_animal_mnist_on_a_balanced_subset(accuracy: ModuleType) -> None:
+    from coreg.config import parse_config
+    from coreg.data.sources import load_dataset
+
+    quick = accuracy.cell_config("animal-mnist", "vlm_low", 0, True, None)["data"]
+    full = accuracy.cell_config("animal-mnist", "vlm_low", 0, False, None)["data"]
+    assert (quick["image_size"], quick["limit"]) == (16, 720)
+    assert full["image_size"] == 28 and "limit" not in full
+    assert accuracy.cell_config("animal-mnist", "vlm_low", 0, True, 100)["data"]["limit"] == 100  # --limit wins
+    data = load_dataset(parse_config({"data": quick}).data)
+    counts = [int((data.labels == k).sum()) for k in range(10)]
+    assert len(data) == 720 and counts == [72] * 10  # the first ids interleave the classes
