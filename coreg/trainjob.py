@@ -74,6 +74,13 @@ _RESOURCE_NAME = re.compile(r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-
                             r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
 
 
+def _namespace_name(value: str) -> str:
+    """``value`` if it is a valid Kubernetes namespace name (a DNS-1123 label), else ValueError."""
+    if not _DNS_LABEL.match(value) or len(value) > 63:
+        raise ValueError(f"namespace {value!r} is not a valid namespace name")
+    return value
+
+
 def _quantity(value: str, what: str) -> str:
     value = str(value).strip()
     if not _QUANTITY.match(value) or not re.search(r"[0-9]", value):
@@ -155,9 +162,7 @@ class TrainJobOptions(BaseModel):
     @field_validator("namespace")
     @classmethod
     def _namespace(cls, value: str) -> str:
-        if value and (not _DNS_LABEL.match(value) or len(value) > 63):
-            raise ValueError(f"namespace {value!r} is not a valid namespace name")
-        return value
+        return _namespace_name(value) if value else value  # empty: the launcher pod's own
 
     @field_validator("image")
     @classmethod
@@ -210,9 +215,7 @@ class TrainJobSpec(BaseModel):
     @field_validator("namespace")
     @classmethod
     def _namespace(cls, value: str) -> str:
-        if not _DNS_LABEL.match(value) or len(value) > 63:
-            raise ValueError(f"namespace {value!r} is not a valid namespace name")
-        return value
+        return _namespace_name(value)
 
     @field_validator("candidates_uri", "output_uri")
     @classmethod
