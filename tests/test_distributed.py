@@ -59,10 +59,10 @@ RANK_SCRIPT = textwrap.dedent("""
     real_make_loader = trainer_module.make_loader
     predicted_rows = []  # the samples each per-epoch prediction pass of this rank visited
 
-    def loader_spy(dataset, order, *args):
+    def loader_spy(dataset, order, *args, **kwargs):
         if dataset.mode == "weak":
             predicted_rows.append(list(order))
-        return real_make_loader(dataset, order, *args)
+        return real_make_loader(dataset, order, *args, **kwargs)
 
     trainer_module.make_loader = loader_spy
     x, y = make_images({n}, seed=0)

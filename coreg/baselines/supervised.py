@@ -109,12 +109,13 @@ def _fit_single(images: np.ndarray, targets: np.ndarray, candidates: np.ndarray,
             seed = derive_seed(cfg.seed, _STREAM, epoch)
             order = torch.randperm(n, generator=T._generator(derive_seed(seed, 0))).tolist()
             dataset = MultiViewDataset(images_t, augmenter, "strong", derive_seed(seed, 1))
-            loader = make_loader(dataset, order, cfg.batch_size, cfg.num_workers, derive_seed(seed, 2))
+            loader = make_loader(dataset, order, cfg.batch_size, cfg.num_workers, derive_seed(seed, 2),
+                                 pin_memory=device.type == "cuda")
             net.train()
             total, steps = 0.0, 0
             for views, idx in loader:
                 idx = idx.to(device)
-                logits = net(views.to(device))
+                logits = net(views.to(device, non_blocking=True))
                 loss = soft_cross_entropy(logits, targets_t[idx])
                 T._step(optimizer, loss)
                 if proden:  # progressive identification: the new target is the prediction restricted to S

@@ -391,14 +391,15 @@ def _warmup_epoch(run: _Run, state: _State, epoch: int) -> dict[str, Any]:
             seed = derive_seed(cfg.seed, _WARMUP, epoch, net_id)
             order = torch.randperm(n, generator=_generator(derive_seed(seed, 0))).tolist()
             dataset = MultiViewDataset(data.images, data.augmenter, "strong", derive_seed(seed, 1))
-            loader = make_loader(dataset, order, cfg.warmup_batch_size, cfg.num_workers, derive_seed(seed, 2))
+            loader = make_loader(dataset, order, cfg.warmup_batch_size, cfg.num_workers, derive_seed(seed, 2),
+                                 pin_memory=run.device.type == "cuda")
             net.train()
             sums = {"loss": 0.0, "l_x": 0.0, "l_penalty": 0.0}
             for views, idx in loader:
                 if run.dist is not None:
                     values = _warmup_step_dist(run, state, net_id, net, views, idx)
                 else:
-                    logits = net(views.to(run.device))
+                    logits = net(views.to(run.device, non_blocking=True))
                     pce = L.partial_cross_entropy(logits, data.candidates[idx.to(run.device)])
                     penalty = L.confidence_penalty(logits)
                     loss = pce + cfg.confidence_penalty * penalty
@@ -434,14 +435,14 @@ def _predict_train(run: _Run, state: _State, epoch: int) -> list[torch.Tensor]:
     rows = range(n) if run.dist is None else range(*run.dist.bounds(n))
     dataset = MultiViewDataset(data.images, data.augmenter, "weak", derive_seed(cfg.seed, _EVAL, epoch))
     loader = make_loader(dataset, rows, cfg.eval_batch_size, cfg.num_workers,
-                         derive_seed(cfg.seed, _EVAL, epoch, 1))
+                         derive_seed(cfg.seed, _EVAL, epoch, 1), pin_memory=run.device.type == "cuda")
     nets = (state.model.net1, state.model.net2)
     for net in nets:
         net.eval()
     k = data.candidates.shape[1]
     outs: list[list[torch.Tensor]] = [[torch.zeros((0, k), device=run.device)] for _ in nets]
     for views, _ in loader:
-        views = views.to(run.device)
+        views = views.to(run.device, non_blocking=True)
         for i, net in enumerate(nets):
             outs[i].append(F.softmax(net(views), dim=1))
     predictions = [torch.cat(o) for o in outs]
@@ -523,7 +524,8 @@ def _batches(run: _Run, indices: np.ndarray, seed: int, cycle: bool) -> Iterator
     while True:
         order = indices[torch.randperm(len(indices), generator=_generator(derive_seed(seed, passes, 0))).numpy()]
         dataset = MultiViewDataset(run.data.images, run.data.augmenter, "train", derive_seed(seed, passes, 1))
-        yield from make_loader(dataset, order.tolist(), cfg.batch_size, cfg.num_workers, derive_seed(seed, passes, 2))
+        yield from make_loader(dataset, order.tolist(), cfg.batch_size, cfg.num_workers, derive_seed(seed, passes, 2),
+                               pin_memory=run.device.type == "cuda")
         passes += 1
         if not cycle:
             return
