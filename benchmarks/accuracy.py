@@ -38,7 +38,7 @@ import pandas as pd
 from coreg import contracts
 from coreg.aggregate import run_aggregate
 from coreg.annotate import run_annotate
-from coreg.config import RunConfig, parse_config
+from coreg.config import RunConfig, apply_override, parse_config
 from coreg.evaluate import run_evaluate
 from coreg.train.stage import run_train
 
@@ -56,12 +56,17 @@ DATASETS = {"digits": {"source": "digits", "image_size": 16},
 QUICK_DATA = {"animal-mnist": {"image_size": 16, "limit": 720}}
 
 
-def cell_config(dataset: str, protocol: str, seed: int, quick: bool, limit: int | None) -> dict[str, Any]:
-    """The run config of one (data set, protocol, seed) cell; ``train.method`` is set per method."""
+def cell_config(dataset: str, protocol: str, seed: int, quick: bool, limit: int | None,
+                overrides: list[str] | None = None) -> dict[str, Any]:
+    """The run config of one (data set, protocol, seed) cell; ``train.method`` is set per method.
+
+    ``overrides`` (``section.field=value``, as ``coreg --set``) are applied last: ablations such as
+    another aggregation rule or the regularisers off run through the same harness.
+    """
     epochs, warmup, ramp, reg = (12, 6, 3, 2) if quick else (40, 15, 10, 5)  # full = the digits demo budget
     data = {**DATASETS[dataset], **(QUICK_DATA.get(dataset, {}) if quick else {}), "test_fraction": 0.2,
             "split_seed": 0, **({"limit": limit} if limit else {})}
-    return {
+    raw = {
         "data": data,
         "annotate": {**PROTOCOLS[protocol], "num_annotators": 27, "seed": seed},
         "aggregate": {"rule": "union"},
@@ -70,6 +75,9 @@ def cell_config(dataset: str, protocol: str, seed: int, quick: bool, limit: int 
                   "queue_size": 1024, "num_workers": 0, "device": "auto", "seed": seed},
         "evaluate": {"plots": False},
     }
+    for item in overrides or []:
+        apply_override(raw, item)
+    return raw
 
 
 def candidate_quality(aggregate_dir: Path) -> tuple[float, float]:
@@ -132,7 +140,7 @@ def markdown(results: list[dict[str, Any]]) -> str:
 
 
 def _cell(dataset: str, protocol: str, seed: int, quick: bool, limit: int | None, methods: list[str],
-          threads: int) -> tuple[str, list[dict[str, Any]]]:
+          threads: int, overrides: list[str]) -> tuple[str, list[dict[str, Any]]]:
     """One (data set, protocol, seed) cell in its own temporary folder; returns (log text, result rows)."""
     import contextlib
     import io
@@ -144,7 +152,7 @@ def _cell(dataset: str, protocol: str, seed: int, quick: bool, limit: int | None
     buffer = io.StringIO()
     with tempfile.TemporaryDirectory(prefix="coreg-bench-") as tmp, contextlib.redirect_stdout(buffer):
         print(f"{dataset} / {protocol} / seed {seed}")
-        rows = run_cell(cell_config(dataset, protocol, seed, quick, limit), methods, Path(tmp))
+        rows = run_cell(cell_config(dataset, protocol, seed, quick, limit, overrides), methods, Path(tmp))
     return buffer.getvalue(), [{"dataset": dataset, "protocol": protocol, "seed": seed, **row} for row in rows]
 
 
@@ -160,6 +168,10 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2,
                         help="cells run in parallel processes, each with cpu_count / jobs torch threads (default 2: "
                              "small CNNs on tiny images use one core far better than two)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a field of every cell's config, e.g. --set aggregate.rule=min_votes "
+                             "(repeatable; for ablations)")
+    parser.add_argument("--tag", help="suffix of the output files (accuracy[-quick]-TAG.json/.md)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     datasets = args.datasets or list(DATASETS)
@@ -170,7 +182,8 @@ def main() -> None:
     results: list[dict[str, Any]] = []
     start = time.perf_counter()
     with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(_cell, d, p, s, args.quick, args.limit, args.methods, threads) for d, p, s in cells]
+        futures = [pool.submit(_cell, d, p, s, args.quick, args.limit, args.methods, threads,
+                               args.overrides) for d, p, s in cells]
         for future in futures:  # in submission order, so the table and JSON do not depend on scheduling
             text, rows = future.result()
             print(text, end="", flush=True)
@@ -180,7 +193,7 @@ def main() -> None:
     print(table)
     print(f"total {total:.0f}s with {jobs} parallel cell(s) x {threads} torch thread(s)")
     OUT.mkdir(parents=True, exist_ok=True)
-    name = "accuracy-quick" if args.quick else "accuracy"
+    name = ("accuracy-quick" if args.quick else "accuracy") + (f"-{args.tag}" if args.tag else "")
     (OUT / f"{name}.json").write_text(json.dumps({"args": vars(args), "total_seconds": round(total, 1),
                                                    "threads_per_cell": threads, "protocols": PROTOCOLS,
                                                    "results": results}, indent=2))

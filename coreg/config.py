@@ -416,11 +416,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if not isinstance(raw, dict):
         raise CoregError(f"{path}: config must be a mapping of sections, got {type(raw).__name__}")
     for item in overrides or []:
-        _apply_override(raw, item)
+        apply_override(raw, item)
     return parse_config(raw, source=str(path))
 
 
-def _apply_override(raw: dict[str, Any], item: str) -> None:
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Set one ``section.field=value`` (value parsed as YAML) in a raw config dict, in place."""
     key, sep, value = item.partition("=")
     if not sep or not key:
         raise CoregError(f"override {item!r}: expected key.sub=value")

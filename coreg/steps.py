@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, Field
 
-from coreg.config import RunConfig, _apply_override, parse_config
+from coreg.config import RunConfig, apply_override, parse_config
 from coreg.errors import CoregError
 from coreg.storage import StorageConfig, is_s3, join_uri, materialize, publish_dir
 from coreg.tracking import TrackingConfig
@@ -75,7 +75,7 @@ def resolve(settings: StepSettings) -> Resolved:
     if not isinstance(raw, dict):
         raise CoregError("pipeline parameter config_yaml: must be a mapping of sections")
     for item in settings.overrides:
-        _apply_override(raw, item)
+        apply_override(raw, item)
     if settings.data_uri:
         raw.setdefault("data", {})["path"] = settings.data_uri
     if settings.class_names:

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,15 +31,17 @@ def test_one_cell_runs_every_stage_and_reports_candidate_quality(accuracy: Modul
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     real_config = accuracy.cell_config
 
-    def tiny(dataset: str, protocol: str, seed: int, quick: bool, limit: int | None) -> dict:
-        raw = real_config(dataset, protocol, seed, quick, limit)
+    def tiny(dataset: str, protocol: str, seed: int, quick: bool, limit: int | None,
+             overrides: list[str] | None = None) -> dict:
+        raw = real_config(dataset, protocol, seed, quick, limit, overrides)
         raw["annotate"]["num_annotators"] = 3
         raw["train"].update(epochs=2, warmup_epochs=1, rampup_epochs=1, reg_start_offset=0, batch_size=32,
                             warmup_batch_size=32, queue_size=64, device="cpu")
         return raw
 
     monkeypatch.setattr(accuracy, "cell_config", tiny)
-    text, rows = accuracy._cell("digits", "synthetic", 1, True, 160, ["zero_shot", "soft_distill", "coreg"], 1)
+    text, rows = accuracy._cell("digits", "synthetic", 1, True, 160, ["zero_shot", "soft_distill", "coreg"], 1,
+                                ["aggregate.rule=min_votes", "aggregate.min_votes=1"])
     assert text.startswith("digits / synthetic / seed 1\n")
     # soft_distill is skipped on the synthetic protocol: it has no probabilities to distil.
     assert [r["method"] for r in rows] == ["zero_shot", "coreg"]
@@ -69,3 +72,39 @@ def test_quick_setting_covers_animal_mnist_on_a_balanced_subset(accuracy: Module
     data = load_dataset(parse_config({"data": quick}).data)
     counts = [int((data.labels == k).sum()) for k in range(10)]
     assert len(data) == 720 and counts == [72] * 10  # the first ids interleave the classes
+
+
+def test_overrides_reach_every_cell_config(accuracy: ModuleType) -> None:
+    from coreg.config import parse_config
+
+    raw = accuracy.cell_config("digits", "vlm_high", 2, False, None,
+                               ["aggregate.rule=min_votes", "aggregate.min_votes=3", "train.reg_weight=0"])
+    config = parse_config(raw)
+    assert (config.aggregate.rule, config.aggregate.min_votes, config.train.reg_weight) == ("min_votes", 3, 0.0)
+    assert config.train.seed == 2 and config.annotate.seed == 2  # the cell's own fields are kept
+    with pytest.raises(Exception, match="expected key.sub=value"):
+        accuracy.cell_config("digits", "vlm_high", 2, False, None, ["aggregate.rule"])
+
+
+def test_candidate_ambiguity_finds_class_wide_companions() -> None:
+    spec = importlib.util.spec_from_file_location("bench_ambiguity", ROOT / "benchmarks" / "candidate_ambiguity.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    # Class 0 images always come with class 1 in S; class 1 images never carry 0; one class-2 set misses 2.
+    labels = np.array([0, 0, 0, 0, 1, 1, 2, 2])
+    sets = np.zeros((8, 3), dtype=bool)
+    sets[[0, 1, 2, 3], 0] = sets[[0, 1, 2, 3], 1] = True
+    sets[[4, 5], 1] = True
+    sets[6, 2] = True
+    sets[7, 0] = True
+    votes = sets.astype(int) + np.eye(3, dtype=int)[[1, 0, 0, 0, 1, 1, 2, 0]]  # plurality: 1,0,0,0,1,1,2,0
+    stats = module.set_statistics(sets, votes, labels, blind=0.8)
+    assert stats["noise_rate"] == pytest.approx(1 / 8)
+    assert stats["mean_set_size"] == pytest.approx(12 / 8)
+    assert stats["plurality_accuracy"] == pytest.approx(6 / 8)
+    assert stats["blind_pairs"] == [(0, 1)]
+    first = stats["per_class"][0]
+    assert (first["recall"], first["companion"], first["companion_rate"]) == (1.0, 1, 1.0)
+    assert first["plurality_accuracy"] == pytest.approx(0.75)
+    assert stats["per_class"][2]["recall"] == pytest.approx(0.5)
