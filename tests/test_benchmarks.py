@@ -82,15 +82,14 @@ def test_overrides_reach_every_cell_config(accuracy: ModuleType) -> None:
     config = parse_config(raw)
     assert (config.aggregate.rule, config.aggregate.min_votes, config.train.reg_weight) == ("min_votes", 3, 0.0)
     assert config.train.seed == 2 and config.annotate.seed == 2  # the cell's own fields are kept
-    with pytest.raises(Exception, match="expected key.sub=value"):
+    from coreg.errors import CoregError
+
+    with pytest.raises(CoregError, match=r"expected key\.sub=value"):
         accuracy.cell_config("digits", "vlm_high", 2, False, None, ["aggregate.rule"])
 
 
 def test_candidate_ambiguity_finds_class_wide_companions() -> None:
-    spec = importlib.util.spec_from_file_location("bench_ambiguity", ROOT / "benchmarks" / "candidate_ambiguity.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _load("candidate_ambiguity")
     # Class 0 images always come with class 1 in S; class 1 images never carry 0; one class-2 set misses 2.
     labels = np.array([0, 0, 0, 0, 1, 1, 2, 2])
     sets = np.zeros((8, 3), dtype=bool)
@@ -108,3 +107,50 @@ def test_candidate_ambiguity_finds_class_wide_companions() -> None:
     assert (first["recall"], first["companion"], first["companion_rate"]) == (1.0, 1, 1.0)
     assert first["plurality_accuracy"] == pytest.approx(0.75)
     assert stats["per_class"][2]["recall"] == pytest.approx(0.5)
+
+
+def _load(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_split_diagnostics_score_the_trainers_own_split(monkeypatch: pytest.MonkeyPatch) -> None:
+    diagnose = _load("diagnose_split")
+    real_config = diagnose.cell_config
+
+    def tiny(dataset: str, protocol: str, seed: int, quick: bool, limit: int | None,
+             overrides: list[str] | None = None) -> dict:
+        raw = real_config(dataset, protocol, seed, quick, 200, overrides)
+        raw["annotate"]["num_annotators"] = 3
+        raw["train"].update(epochs=3, warmup_epochs=1, rampup_epochs=1, reg_start_offset=0, batch_size=32,
+                            warmup_batch_size=32, queue_size=64, device="cpu")
+        return raw
+
+    monkeypatch.setattr(diagnose, "cell_config", tiny)
+    results = diagnose.diagnose("digits", "synthetic", 0, True, ["coreg", "dividemix"], [])
+    for method in ("coreg", "dividemix"):
+        rows = results[method]
+        assert [(r["epoch"], r["net"]) for r in rows] == [(2, 1), (2, 2), (3, 1), (3, 2)]  # after warm-up only
+        for r in rows:
+            assert sum(r["clean_per_true_class"]) == r["clean"] <= sum(r["true_class_size"]) < 200
+            assert 0.0 <= r["train_accuracy"] <= 1.0
+    # DivideMix's "candidate set" is the one-hot plurality vote: its pseudo-label is that vote.
+    assert results["coreg"][0]["true_class_size"] == results["dividemix"][0]["true_class_size"]
+
+
+def test_split_score_counts_precision_and_kept_share() -> None:
+    diagnose = _load("diagnose_split")
+    labels = np.array([0, 0, 1, 1, 2])
+    record = {"epoch": 5, "prediction": [np.array([0, 1, 1, 1, 2])] * 2,
+              "pseudo": [np.array([0, 1, 1, 0, 2])] * 2,
+              "clean": [np.array([True, True, True, False, False])] * 2}
+    rows = diagnose.score([record], labels)
+    assert len(rows) == 2 and rows[0]["epoch"] == 5 and rows[1]["net"] == 2
+    r = rows[0]
+    assert r["train_accuracy"] == pytest.approx(0.8)
+    assert r["clean"] == 3 and r["clean_precision"] == pytest.approx(2 / 3)
+    assert r["correct_kept"] == pytest.approx(2 / 3)  # pseudo right on 0, 2, 4; of those 0 and 2 are clean
+    assert r["clean_per_true_class"] == [2, 1, 0] and r["true_class_size"] == [2, 2, 1]
