@@ -7,7 +7,7 @@ for the whole class and carry no information about which, while the plurality vo
 say "a" more often than "b". This script measures that on the training split of one benchmark
 cell (the same annotate config as ``benchmarks/accuracy.py``), for several aggregation rules:
 
-* noise rate (true label outside S), mean |S|, plurality-vote accuracy;
+* noise rate (true label outside S), mean |S|, plurality-vote accuracy, mean companion rate;
 * per class: set recall P(y in S | y), the most frequent wrong companion b and P(b in S | y);
 * "blind pairs": class pairs (a, b) where b is in at least ``--blind`` (default 0.8) of the sets
   of class-a images that contain a.
@@ -63,6 +63,7 @@ def set_statistics(sets: np.ndarray, votes: np.ndarray, labels: np.ndarray, blin
                           "plurality_accuracy": float((plurality_vote(votes[rows]) == a).mean())})
         blind_pairs += [(a, int(j)) for j in np.flatnonzero(co >= blind)]
     return {"noise_rate": float(1.0 - contains.mean()), "mean_set_size": float(sets.sum(axis=1).mean()),
+            "mean_companion_rate": float(np.mean([c["companion_rate"] for c in per_class])),
             "plurality_accuracy": float((plurality_vote(votes) == labels).mean()),
             "blind_pairs": blind_pairs, "per_class": per_class}
 
@@ -95,14 +96,15 @@ def main() -> None:
     args = parser.parse_args()
     results = {seed: analyse(args.dataset, args.protocol, seed, args.blind) for seed in args.seeds}
     print(f"{args.dataset} / {args.protocol}, training split, mean over seeds {args.seeds}\n")
-    print("| rule | noise rate | mean \\|S\\| | plurality acc | blind pairs (per seed) |")
-    print("|---|---|---|---|---|")
+    print("| rule | noise rate | mean \\|S\\| | plurality acc | mean companion rate | blind pairs (per seed) |")
+    print("|---|---|---|---|---|---|")
     for rule in RULES:
         rows = [results[s][rule] for s in args.seeds]
-        mean = {key: np.mean([r[key] for r in rows]) for key in ("noise_rate", "mean_set_size", "plurality_accuracy")}
+        keys = ("noise_rate", "mean_set_size", "plurality_accuracy", "mean_companion_rate")
+        mean = {key: np.mean([r[key] for r in rows]) for key in keys}
         pairs = " / ".join(str(len(r["blind_pairs"])) for r in rows)
         print(f"| {rule} | {mean['noise_rate']:.3f} | {mean['mean_set_size']:.2f} | "
-              f"{mean['plurality_accuracy']:.3f} | {pairs} |")
+              f"{mean['plurality_accuracy']:.3f} | {mean['mean_companion_rate']:.2f} | {pairs} |")
     first = args.seeds[0]
     print(f"\nseed {first}, rule union, per class:\n")
     print("| class | recall | companion | companion rate | plurality acc |")

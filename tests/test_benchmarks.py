@@ -103,6 +103,7 @@ def test_candidate_ambiguity_finds_class_wide_companions() -> None:
     assert stats["mean_set_size"] == pytest.approx(12 / 8)
     assert stats["plurality_accuracy"] == pytest.approx(6 / 8)
     assert stats["blind_pairs"] == [(0, 1)]
+    assert stats["mean_companion_rate"] == pytest.approx(1 / 3)
     first = stats["per_class"][0]
     assert (first["recall"], first["companion"], first["companion_rate"]) == (1.0, 1, 1.0)
     assert first["plurality_accuracy"] == pytest.approx(0.75)
