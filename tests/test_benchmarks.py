@@ -69,6 +69,8 @@ def test_quick_setting_covers_animal_mnist_on_a_balanced_subset(accuracy: Module
     assert (quick["image_size"], quick["limit"]) == (16, 720)
     assert full["image_size"] == 28 and "limit" not in full
     assert accuracy.cell_config("animal-mnist", "vlm_low", 0, True, 100)["data"]["limit"] == 100  # --limit wins
+    assert accuracy.cell_config("digits", "vlm_low", 0, True, None)["data"]["image_size"] == 8  # native size
+    assert accuracy.cell_config("digits", "vlm_low", 0, False, None)["data"]["image_size"] == 16
     data = load_dataset(parse_config({"data": quick}).data)
     counts = [int((data.labels == k).sum()) for k in range(10)]
     assert len(data) == 720 and counts == [72] * 10  # the first ids interleave the classes
