@@ -82,6 +82,15 @@ def cell_config(dataset: str, protocol: str, seed: int, quick: bool, limit: int 
     return raw
 
 
+def write_report(name: str, payload: dict[str, Any]) -> Path:
+    """Write ``benchmarks/out/<name>.json`` (the benchmarks' machine-readable output) and say where."""
+    OUT.mkdir(parents=True, exist_ok=True)
+    target = OUT / f"{name}.json"
+    target.write_text(json.dumps(payload, indent=2))
+    print(f"\nwrote {target}")
+    return target
+
+
 def candidate_quality(aggregate_dir: Path) -> tuple[float, float]:
     """(noise rate, mean |S|) on the training split: share of true labels outside S, mean set size."""
     samples = contracts.read_samples(aggregate_dir)
@@ -194,11 +203,9 @@ def main() -> None:
     total = time.perf_counter() - start
     print(table)
     print(f"total {total:.0f}s with {jobs} parallel cell(s) x {threads} torch thread(s)")
-    OUT.mkdir(parents=True, exist_ok=True)
     name = ("accuracy-quick" if args.quick else "accuracy") + (f"-{args.tag}" if args.tag else "")
-    (OUT / f"{name}.json").write_text(json.dumps({"args": vars(args), "total_seconds": round(total, 1),
-                                                   "threads_per_cell": threads, "protocols": PROTOCOLS,
-                                                   "results": results}, indent=2))
+    write_report(name, {"args": vars(args), "total_seconds": round(total, 1), "threads_per_cell": threads,
+                        "protocols": PROTOCOLS, "results": results})
     (OUT / f"{name}.md").write_text(table + f"\ntotal {total:.0f}s with {jobs} parallel cell(s) x {threads} "
                                     "torch thread(s)\n")
 

@@ -20,7 +20,6 @@ It uses training labels only (no test split). Prints tables and writes JSON:
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -29,7 +28,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy import OUT, PROTOCOLS, cell_config
+from accuracy import PROTOCOLS, cell_config, write_report
 
 from coreg import contracts
 from coreg.aggregate import aggregate_annotations, plurality_vote
@@ -112,10 +111,7 @@ def main() -> None:
     for c in results[first]["union"]["per_class"]:
         print(f"| {c['class']} | {c['recall']:.2f} | {c['companion']} | {c['companion_rate']:.2f} | "
               f"{c['plurality_accuracy']:.2f} |")
-    OUT.mkdir(parents=True, exist_ok=True)
-    target = OUT / f"candidate-ambiguity-{args.dataset}-{args.protocol}.json"
-    target.write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
-    print(f"\nwrote {target}")
+    write_report(f"candidate-ambiguity-{args.dataset}-{args.protocol}", {"args": vars(args), "results": results})
 
 
 if __name__ == "__main__":

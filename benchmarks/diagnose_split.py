@@ -15,7 +15,6 @@ Prints one table per method and writes ``benchmarks/out/diagnose-<dataset>-<prot
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import tempfile
@@ -26,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy import DATASETS, OUT, PROTOCOLS, cell_config
+from accuracy import DATASETS, PROTOCOLS, cell_config, write_report
 
 from coreg import contracts
 from coreg.aggregate import run_aggregate
@@ -120,10 +119,7 @@ def main() -> None:
             kept = "n/a" if r["correct_kept"] is None else f"{r['correct_kept']:.3f}"
             print(f"| {r['epoch']} | {r['net']} | {r['train_accuracy']:.3f} | {r['clean']} | {precision} | {kept} | "
                   f"{r['clean_per_true_class']} |")
-    OUT.mkdir(parents=True, exist_ok=True)
-    target = OUT / f"diagnose-{args.dataset}-{args.protocol}-{args.seed}.json"
-    target.write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
-    print(f"\nwrote {target}")
+    write_report(f"diagnose-{args.dataset}-{args.protocol}-{args.seed}", {"args": vars(args), "results": results})
 
 
 if __name__ == "__main__":
