@@ -9,7 +9,7 @@ method keeps the data contracts. Annotation protocols:
 * ``synthetic``: the NPLL protocol, q = 0.3, eta = 0.2 (no probabilities, so no soft_distill).
 
 The achieved noise rate (share of training samples whose true label is outside S) and mean |S| are measured
-on the training split of each cell. Writes ``benchmarks/out/accuracy[-quick].json`` and ``.md`` and prints
+on the training split of each cell. Writes ``benchmarks/out/accuracy[-quick][-TAG].json`` and ``.md`` and prints
 the Markdown table: mean +- std over seeds of test accuracy, noise rate, |S| and training wall time.
 
     .venv/bin/python benchmarks/accuracy.py --quick   # digits at 8 px + 720 animal-mnist images, 3 seeds, 12 epochs

@@ -119,7 +119,7 @@ class Augmenter:
         names = tuple(space)
         op = _randint(u[:, 3], 0, len(names)).numpy()
         negative = u[:, 4] < 0.5
-        out = images.clone()
+        out = torch.empty_like(images)  # every row belongs to exactly one (op, sign) group below
         h, w = images.shape[-2:]
         for op_id in np.unique(op):
             name = names[op_id]

@@ -582,7 +582,7 @@ def _coreg_step(run: _Run, state: _State, net_id: int, net: CoRegNet, peer: CoRe
     cfg, dev, cand = run.cfg, run.device, run.data.candidates
     parts = [b for b in (lab, unl) if b is not None]
     nl = 0 if lab is None else lab[0].shape[0]
-    w1, w2, s1, s2 = (torch.cat([b[v] for b in parts]).to(dev) for v in range(4))
+    w1, w2, s1, s2 = (torch.cat([b[v].to(dev, non_blocking=True) for b in parts]) for v in range(4))
     nb = w1.shape[0]
 
     # Weak views: targets (no gradient) and the contrastive queries (gradient once L_con is on).
@@ -787,7 +787,7 @@ def _coreg_step_dist(run: _Run, state: _State, net_id: int, net: CoRegNet, peer:
     assert ctx is not None
     parts = [b for b in (lab, unl) if b is not None]
     nl = 0 if lab is None else lab[0].shape[0]
-    w1, w2, s1, s2 = (torch.cat([b[v] for b in parts]).to(dev) for v in range(4))
+    w1, w2, s1, s2 = (torch.cat([b[v].to(dev, non_blocking=True) for b in parts]) for v in range(4))
     nb = w1.shape[0]
     nu = nb - nl
     a, b = ctx.bounds(nb)
